@@ -1,0 +1,137 @@
+"""Reference visibility rules of theory §2: a dense boolean mask fed to PyTorch SDPA.
+
+Every token carries a progression time ``t`` and an integer order ``o``:
+
+* committed tokens (``t == 0``): ``o`` is the commit order (the global step at which it committed);
+* live tokens (``t > 0``): ``o`` is the *group* the token will commit with. During sampling every
+  live token shares the sentinel group :data:`LIVE`; in two-stream training the noisy copy of block
+  ``b`` has group ``b``.
+
+Query ``q`` sees key ``k`` iff one of:
+
+1. ``k`` is ``q`` itself (queries are the *last* ``Lq`` keys: query ``i`` is key ``Lk - Lq + i``);
+2. ``t_k == 0`` and (``o_k <= o_q`` if ``t_q == 0`` else ``o_k < o_q``): committed keys that were
+   committed no later than a committed query, or strictly before a live query's group;
+3. ``t_q > 0`` and ``0 < t_k < 1`` and ``o_k == o_q``: live keys that carry information, in the
+   query's own group.
+
+So a token at ``t = 1`` is seen by nobody but itself, committed queries never see live keys (their
+keys and values can be cached), and the two-stream layout of AR/block training is the same rule on
+a ``2L`` sequence (see :func:`two_stream_layout`).
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from flowtext.errors import ShapeError, TimeRangeError
+
+LIVE = 2**30
+"""Group id shared by all live tokens during sampling (larger than any commit order)."""
+
+
+def check_times(t: torch.Tensor, name: str = "t") -> None:
+    """Raise :class:`TimeRangeError` unless every entry of ``t`` lies in ``[0, 1]``.
+
+    Args:
+        t: Progression times of any shape.
+        name: Name used in the error message.
+    """
+    if not torch.is_floating_point(t):
+        raise TimeRangeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
+    if t.numel() and (bool(torch.isnan(t).any()) or t.min() < 0 or t.max() > 1):
+        raise TimeRangeError(
+            f"{name} must lie in [0, 1] (0 = committed, 1 = pure noise); got range "
+            f"[{t.min().item():.4g}, {t.max().item():.4g}]"
+        )
+
+
+def visibility_mask(
+    t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor
+) -> torch.Tensor:
+    """Dense visibility mask of theory §2 (``True`` = query may attend to key).
+
+    Args:
+        t_q: Query times, ``[B, Lq]`` in ``[0, 1]``.
+        o_q: Query orders (commit order or group), ``[B, Lq]`` integer.
+        t_k: Key times, ``[B, Lk]`` with ``Lk >= Lq``.
+        o_k: Key orders, ``[B, Lk]`` integer.
+
+    Returns:
+        Boolean mask ``[B, Lq, Lk]``. Query ``i`` is key ``Lk - Lq + i``.
+    """
+    if t_q.shape != o_q.shape or t_k.shape != o_k.shape or t_q.ndim != 2 or t_k.ndim != 2:
+        raise ShapeError(
+            f"expected t_q, o_q of shape [B, Lq] and t_k, o_k of shape [B, Lk]; got "
+            f"{tuple(t_q.shape)}, {tuple(o_q.shape)}, {tuple(t_k.shape)}, {tuple(o_k.shape)}"
+        )
+    lq, lk = t_q.shape[1], t_k.shape[1]
+    if lq > lk or t_q.shape[0] != t_k.shape[0]:
+        raise ShapeError(f"need the same batch and Lq <= Lk; got {tuple(t_q.shape)} vs {tuple(t_k.shape)}")
+    tq, oq = t_q[:, :, None], o_q[:, :, None]
+    tk, ok = t_k[:, None, :], o_k[:, None, :]
+    q_committed = tq == 0
+    k_committed = tk == 0
+    committed_key = k_committed & torch.where(q_committed, ok <= oq, ok < oq)
+    live_key = (~q_committed) & (tk > 0) & (tk < 1) & (ok == oq)
+    idx_q = torch.arange(lk - lq, lk, device=t_q.device)[:, None]
+    idx_k = torch.arange(lk, device=t_q.device)[None, :]
+    return committed_key | live_key | (idx_q == idx_k)
+
+
+def two_stream_layout(
+    block_ids: torch.Tensor, t_noisy: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Times and orders of the two-stream (clean + noisy) training layout.
+
+    The first ``L`` tokens are the clean stream (``t = 0``, order = block id); the last ``L`` are
+    the noisy stream (time of their block, group = block id). With the rule of
+    :func:`visibility_mask`, noisy queries of block ``b`` see clean keys of blocks ``< b`` and
+    informative noisy keys of block ``b``; clean queries see clean keys of blocks ``<= b``.
+
+    Args:
+        block_ids: Block index of every position, ``[B, L]`` integer, non-decreasing.
+        t_noisy: Time of every noisy-stream token, ``[B, L]`` in ``(0, 1]``.
+
+    Returns:
+        ``(t, o)``, each ``[B, 2L]``.
+    """
+    if block_ids.shape != t_noisy.shape:
+        raise ShapeError(f"block_ids {tuple(block_ids.shape)} and t_noisy {tuple(t_noisy.shape)} differ")
+    t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)
+    o = torch.cat([block_ids, block_ids], dim=1)
+    return t, o
+
+
+def sdpa_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    t_q: torch.Tensor,
+    o_q: torch.Tensor,
+    t_k: torch.Tensor,
+    o_k: torch.Tensor,
+    *,
+    upcast: bool = False,
+) -> torch.Tensor:
+    """Attention under the visibility rules through a dense mask and PyTorch SDPA.
+
+    Args:
+        q: Queries ``[B, H, Lq, D]``.
+        k: Keys ``[B, H, Lk, D]``.
+        v: Values ``[B, H, Lk, D]``.
+        t_q: Query times ``[B, Lq]``.
+        o_q: Query orders ``[B, Lq]``.
+        t_k: Key times ``[B, Lk]``.
+        o_k: Key orders ``[B, Lk]``.
+        upcast: Compute in float32 and cast back (the fp32 reference of the kernel tests).
+
+    Returns:
+        Output ``[B, H, Lq, D]`` in the dtype of ``q``.
+    """
+    mask = visibility_mask(t_q, o_q, t_k, o_k)[:, None]
+    if upcast:
+        out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
+        return out.to(q.dtype)
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)

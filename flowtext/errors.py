@@ -1,0 +1,27 @@
+"""The exceptions flowtext raises for bad input.
+
+Every error a user can meet derives from :class:`FlowtextError`, and from the matching builtin
+(``ValueError``, ``FileNotFoundError``) so that generic handlers keep working.
+"""
+
+from __future__ import annotations
+
+
+class FlowtextError(Exception):
+    """Base class of every error flowtext raises on purpose."""
+
+
+class ConfigError(FlowtextError, ValueError):
+    """A component name, option or combination that cannot work; the message names the fix."""
+
+
+class ShapeError(FlowtextError, ValueError):
+    """A tensor with the wrong shape, dtype or device for the call."""
+
+
+class TimeRangeError(FlowtextError, ValueError):
+    """Progression times outside ``[0, 1]`` or a grid that is not non-increasing."""
+
+
+class DataError(FlowtextError, ValueError):
+    """An empty, unreadable or unsuitable corpus."""
