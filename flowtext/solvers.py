@@ -1,0 +1,323 @@
+"""Solvers for the shared flow: pure steps ``(field, z, t_now, t_next) -> z_next``.
+
+Every token has its own step ``h_i = t_next_i - t_now_i`` (``<= 0``); a token with ``h_i = 0`` is
+frozen exactly. Within one global step all times move linearly in the global clock, so a
+Runge–Kutta method applied per token with its own ``h_i`` is that method applied to
+``dz/ds = u(z, t(s)) t'(s)``: its order carries over to piecewise-linear policies whose kinks lie
+on the grid.
+
+* ``euler``, ``midpoint``, ``heun``, ``rk4``: explicit Runge–Kutta tableaux with an ``order``.
+* ``ancestral``: samples the Gaussian posterior ``q(z_{t'} | z_t, x = x_hat)``, the generative
+  step whose ELBO is the one of theory §4.
+* ``torchdiffeq``: hands the whole grid to :func:`torchdiffeq.odeint` (any of its methods,
+  adaptive ``dopri5`` included) when all tokens share one clock.
+"""
+
+from __future__ import annotations
+
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from typing import Any, ClassVar
+
+import torch
+from torch import Tensor
+
+from flowtext._registry import Registry
+from flowtext.errors import ConfigError
+from flowtext.flow import Field, FlowResult
+
+__all__ = [
+    "Ancestral",
+    "Euler",
+    "Heun",
+    "Midpoint",
+    "RK4",
+    "RungeKutta",
+    "Solver",
+    "TorchDiffEq",
+    "get",
+    "names",
+    "register",
+]
+
+
+def _freeze(z: Tensor, z_new: Tensor, h: Tensor) -> Tensor:
+    return torch.where((h == 0)[..., None], z, z_new)
+
+
+class Solver(ABC):
+    """Base class: one abstract :meth:`step`; :meth:`integrate` loops it over a grid.
+
+    Attributes:
+        order: Convergence order of a deterministic solver, ``None`` for stochastic ones.
+    """
+
+    name: ClassVar[str]
+    order: ClassVar[int | None] = None
+    stochastic: ClassVar[bool] = False
+
+    @abstractmethod
+    def step(
+        self,
+        field: Field,
+        z: Tensor,
+        t_now: Tensor,
+        t_next: Tensor,
+        *,
+        generator: torch.Generator | None = None,
+    ) -> Tensor:
+        """Advance ``z`` from ``t_now`` to ``t_next``.
+
+        Args:
+            field: The shared field (denoiser + schedule).
+            z: State ``[B, L, d]`` at ``t_now``.
+            t_now: Per-token times ``[B, L]``.
+            t_next: Per-token times ``[B, L]``, ``<= t_now``.
+            generator: Random generator (stochastic solvers only).
+
+        Returns:
+            State ``[B, L, d]`` at ``t_next``.
+        """
+
+    def integrate(
+        self,
+        field: Field,
+        z: Tensor,
+        times: Tensor,
+        *,
+        return_trajectory: bool = False,
+        generator: torch.Generator | None = None,
+    ) -> FlowResult:
+        """Apply :meth:`step` along a validated grid ``times [K + 1, B, L]``.
+
+        Args:
+            field: The shared field.
+            z: Initial state ``[B, L, d]``.
+            times: Grid ``[K + 1, B, L]``.
+            return_trajectory: Keep every state.
+            generator: Random generator for stochastic solvers.
+
+        Returns:
+            A :class:`~flowtext.flow.FlowResult`.
+        """
+        states = [z]
+        for k in range(times.shape[0] - 1):
+            z = self.step(field, z, times[k], times[k + 1], generator=generator)
+            if return_trajectory:
+                states.append(z)
+        traj = torch.stack(states) if return_trajectory else None
+        return FlowResult(z=z, times=times, trajectory=traj)
+
+
+registry: Registry[Solver] = Registry("solver")
+register = registry.register
+names = registry.names
+
+
+def get(name: str, **kwargs: Any) -> Solver:
+    """Build a solver by registry name.
+
+    Raises:
+        ConfigError: Unknown name (the message lists the valid ones) or bad arguments.
+    """
+    return registry.get(name, **kwargs)
+
+
+def resolve(solver: Solver | str) -> Solver:
+    """Return ``solver`` itself, or build it when given a registry name."""
+    if isinstance(solver, str):
+        return get(solver)
+    if not isinstance(solver, Solver):
+        raise ConfigError(f"expected a Solver or one of {names()}, got {solver!r}")
+    return solver
+
+
+class RungeKutta(Solver):
+    """Explicit Runge–Kutta method given by its Butcher tableau ``(a, b, c)``."""
+
+    a: ClassVar[tuple[tuple[float, ...], ...]]
+    b: ClassVar[tuple[float, ...]]
+    c: ClassVar[tuple[float, ...]]
+
+    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
+        h = t_next - t_now
+        hz = h[..., None]
+        ks: list[Tensor] = []
+        for a_row, c_j in zip(self.a, self.c, strict=True):
+            z_j = z
+            for a_jl, k_l in zip(a_row, ks, strict=False):
+                if a_jl:
+                    z_j = z_j + (a_jl * hz) * k_l
+            ks.append(field.velocity(z_j, t_now + c_j * h))
+        z_new = z
+        for b_j, k_j in zip(self.b, ks, strict=True):
+            if b_j:
+                z_new = z_new + (b_j * hz) * k_j
+        return _freeze(z, z_new, h)
+
+
+@register("euler")
+@dataclass(frozen=True)
+class Euler(RungeKutta):
+    """Forward Euler, order 1."""
+
+    order: ClassVar[int] = 1
+    a: ClassVar = ((),)
+    b: ClassVar = (1.0,)
+    c: ClassVar = (0.0,)
+
+
+@register("midpoint")
+@dataclass(frozen=True)
+class Midpoint(RungeKutta):
+    """Explicit midpoint rule, order 2 (same as torchdiffeq's ``midpoint``)."""
+
+    order: ClassVar[int] = 2
+    a: ClassVar = ((), (0.5,))
+    b: ClassVar = (0.0, 1.0)
+    c: ClassVar = (0.0, 0.5)
+
+
+@register("heun")
+@dataclass(frozen=True)
+class Heun(RungeKutta):
+    """Heun's method (explicit trapezoid), order 2."""
+
+    order: ClassVar[int] = 2
+    a: ClassVar = ((), (1.0,))
+    b: ClassVar = (0.5, 0.5)
+    c: ClassVar = (0.0, 1.0)
+
+
+@register("rk4")
+@dataclass(frozen=True)
+class RK4(RungeKutta):
+    """The classical fourth-order Runge–Kutta method (torchdiffeq's ``rk4`` is the 3/8 rule)."""
+
+    order: ClassVar[int] = 4
+    a: ClassVar = ((), (0.5,), (0.0, 0.5), (0.0, 0.0, 1.0))
+    b: ClassVar = (1 / 6, 1 / 3, 1 / 3, 1 / 6)
+    c: ClassVar = (0.0, 0.5, 0.5, 1.0)
+
+
+def posterior(
+    z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, schedule
+) -> tuple[Tensor, Tensor]:
+    """Mean and std of ``q(z_s | z_t, x)`` for ``s <= t`` (per token).
+
+    With ``a = alpha_t / alpha_s`` and ``v = sigma_t^2 - a^2 sigma_s^2``, the posterior has mean
+    ``(a sigma_s^2 z_t + alpha_s v x) / sigma_t^2`` and variance ``v sigma_s^2 / sigma_t^2``.
+    Tokens with ``s == t`` keep ``z_t`` with zero variance.
+
+    Args:
+        z_t: ``[B, L, d]``.
+        x: Clean embeddings (or their prediction) ``[B, L, d]``.
+        t: Current times ``[B, L]``.
+        s: Target times ``[B, L]``, ``s <= t``.
+        schedule: The noise schedule.
+
+    Returns:
+        ``(mean [B, L, d], std [B, L, 1])``.
+    """
+    a_t, s_t = schedule.alpha(t), schedule.sigma(t)
+    a_s, s_s = schedule.alpha(s), schedule.sigma(s)
+    moving = s < t
+    ratio = torch.where(moving, a_t / torch.where(a_s > 0, a_s, 1.0), 1.0)
+    var_ts = (s_t**2 - ratio**2 * s_s**2).clamp_min(0.0)
+    st2 = torch.where(moving, s_t**2, 1.0)
+    w_z = (ratio * s_s**2 / st2)[..., None]
+    w_x = (a_s * var_ts / st2)[..., None]
+    mean = torch.where(moving[..., None], w_z * z_t + w_x * x, z_t)
+    std = torch.where(moving, torch.sqrt(var_ts * s_s**2 / st2), 0.0)[..., None]
+    return mean, std
+
+
+@register("ancestral")
+@dataclass(frozen=True)
+class Ancestral(Solver):
+    """Stochastic step: sample ``q(z_{t'} | z_t, x = x_hat(z_t, t))`` (DDPM-style).
+
+    Args:
+        eta: Scale of the injected noise; ``1`` is the ancestral sampler of the ELBO, ``0`` the
+            deterministic posterior-mean (DDIM-like) variant.
+    """
+
+    eta: float = 1.0
+    stochastic: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not 0 <= self.eta:
+            raise ConfigError(f"ancestral eta must be >= 0, got {self.eta}")
+
+    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
+        x_hat = field.x0_hat(z, t_now)
+        mean, std = posterior(z, x_hat, t_now, t_next, field.schedule)
+        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
+        return _freeze(z, mean + self.eta * std * noise, t_next - t_now)
+
+
+@register("torchdiffeq")
+@dataclass(frozen=True)
+class TorchDiffEq(Solver):
+    """Adapter to :func:`torchdiffeq.odeint` for grids on which all tokens share one clock.
+
+    The grid's rows must each hold a single time (as under ``synchronous``); repeated rows are
+    collapsed. Fixed-grid methods step exactly on the grid; adaptive ones (``dopri5``) report
+    the state at every grid time.
+
+    Args:
+        method: Any torchdiffeq method name (``"dopri5"``, ``"euler"``, ``"rk4"``, ...).
+        rtol: Relative tolerance (adaptive methods).
+        atol: Absolute tolerance (adaptive methods).
+        options: Extra solver options passed through.
+    """
+
+    method: str = "dopri5"
+    rtol: float = 1e-7
+    atol: float = 1e-9
+    options: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        from torchdiffeq._impl.odeint import SOLVERS
+
+        if self.method not in SOLVERS:
+            raise ConfigError(
+                f"unknown torchdiffeq method {self.method!r}; valid: {', '.join(sorted(SOLVERS))}"
+            )
+
+    @staticmethod
+    def _clock(times: Tensor) -> Tensor:
+        clock = times.reshape(times.shape[0], -1)
+        if not bool((clock == clock[:, :1]).all()):
+            raise ConfigError(
+                "the torchdiffeq solver needs all tokens to share one clock (e.g. the "
+                "synchronous policy); use a fixed-grid solver (euler, midpoint, heun, rk4) "
+                "for per-token grids"
+            )
+        return clock[:, 0]
+
+    def _odeint(self, field: Field, z: Tensor, clock: Tensor) -> Tensor:
+        from torchdiffeq import odeint
+
+        keep = torch.ones_like(clock, dtype=torch.bool)
+        keep[1:] = clock[1:] < clock[:-1]
+        uniq = clock[keep]
+        if uniq.numel() == 1:
+            return z[None].expand(clock.shape[0], *z.shape)
+
+        def f(t: Tensor, y: Tensor) -> Tensor:
+            return field.velocity(y, t.expand(z.shape[:2]).to(y.dtype))
+
+        sol = odeint(
+            f, z, uniq, method=self.method, rtol=self.rtol, atol=self.atol,
+            options=self.options or None,
+        )
+        return sol[torch.cumsum(keep, 0) - 1]
+
+    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
+        clock = self._clock(torch.stack([t_now, t_next]))
+        return self._odeint(field, z, clock)[-1]
+
+    def integrate(self, field, z, times, *, return_trajectory=False, generator=None):  # noqa: D102
+        traj = self._odeint(field, z, self._clock(times))
+        return FlowResult(z=traj[-1], times=times, trajectory=traj if return_trajectory else None)
