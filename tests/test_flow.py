@@ -1,0 +1,165 @@
+"""T1 (agreement with torchdiffeq), T6 (solver orders) and the integrate API."""
+
+import math
+
+import pytest
+import torch
+from hypothesis import given
+from hypothesis import strategies as st
+from torchdiffeq import odeint
+
+from flowtext import policies, schedules, solvers
+from flowtext.errors import ConfigError, ShapeError, TimeRangeError
+from flowtext.flow import Field, integrate
+
+from ._toyutil import make_toy, random_monotone_grid, transport_error
+
+ODE_SOLVERS = [n for n in solvers.names() if solvers.get(n).order is not None]
+SMOOTH = ["linear", "cosine"]  # finite sigma'(0): the field is smooth up to t = 0
+
+
+def test_registry():
+    assert {"euler", "midpoint", "heun", "rk4", "ancestral", "torchdiffeq"} <= set(solvers.names())
+    assert {solvers.get(n).order for n in ["euler", "midpoint", "heun", "rk4"]} == {1, 2, 4}
+    with pytest.raises(ValueError, match="valid names"):
+        solvers.get("rk5")
+    with pytest.raises(ConfigError, match="torchdiffeq method"):
+        solvers.get("torchdiffeq", method="nope")
+
+
+@pytest.mark.parametrize("schedule", SMOOTH + ["vp"])
+@pytest.mark.parametrize("method", ["euler", "midpoint"])
+@given(seed=st.integers(0, 10_000), steps=st.integers(1, 12))
+def test_t1_synchronous_equals_torchdiffeq_on_same_grid(schedule, method, seed, steps):
+    toy = make_toy(3, 2, seed)
+    sched = schedules.get(schedule)
+    t_end = 0.0 if schedule != "vp" else 1e-3
+    grid = policies.get("synchronous").grid(3, steps, dtype=torch.float64) * (1 - t_end) + t_end
+    z = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = integrate(toy.denoiser(sched), z, grid, sched, method, return_trajectory=True)
+    field = Field(toy.denoiser(sched), sched)
+    ref = odeint(lambda t, y: field.velocity(y, t.expand(4, 3)), z, grid[:, 0], method=method)
+    torch.testing.assert_close(ours.trajectory, ref, rtol=1e-10, atol=1e-10)
+    adapter = integrate(toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq", method=method))
+    torch.testing.assert_close(adapter.z, ours.z, rtol=1e-10, atol=1e-10)
+
+
+@given(seed=st.integers(0, 10_000), steps=st.integers(2, 10))
+def test_t1_rk4_agrees_with_torchdiffeq_rk4_within_method_error(seed, steps):
+    toy = make_toy(3, 2, seed)
+    sched = schedules.get("linear")
+    grid = policies.get("synchronous").grid(3, steps, dtype=torch.float64)
+    z = torch.randn(4, 3, 2, generator=torch.Generator().manual_seed(seed), dtype=torch.float64)
+    ours = integrate(toy.denoiser(sched), z, grid, sched, "rk4").z
+    td = integrate(toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq", method="rk4")).z
+    fine = policies.get("synchronous").grid(3, 400, dtype=torch.float64)
+    exact = integrate(toy.denoiser(sched), z, fine, sched, "rk4").z
+    err = (ours - exact).abs().max() + (td - exact).abs().max()
+    assert (ours - td).abs().max() <= 2 * err + 1e-12
+
+
+def test_dopri5_adapter_matches_fine_rk4():
+    toy = make_toy(4, 2, 3)
+    sched = schedules.get("cosine")
+    z = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
+    grid = policies.get("synchronous").grid(4, 4, dtype=torch.float64)
+    res = integrate(toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq"), return_trajectory=True)
+    fine = integrate(toy.denoiser(sched), z, policies.get("synchronous").grid(4, 256, dtype=torch.float64), sched, "rk4")
+    assert res.trajectory.shape == (5, 5, 4, 2)
+    torch.testing.assert_close(res.z, fine.z, rtol=1e-4, atol=2e-5)
+
+
+def test_torchdiffeq_rejects_per_token_grids():
+    toy = make_toy(4, 2, 0)
+    grid = policies.get("autoregressive").grid(4, 4, dtype=torch.float64)
+    with pytest.raises(ConfigError, match="share one clock"):
+        integrate(toy.denoiser("linear"), torch.zeros(1, 4, 2, dtype=torch.float64), grid, "linear", "torchdiffeq")
+
+
+def observed_order(errors):
+    return [math.log2(a / b) for a, b in zip(errors, errors[1:])]
+
+
+# step counts in the asymptotic range of each order, for L = 4
+STEPS = {1: (64, 128, 256), 2: (16, 32, 64), 4: (8, 16, 32)}
+
+
+@pytest.mark.parametrize("schedule", SMOOTH)
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
+@pytest.mark.parametrize("policy", ["synchronous", "block-2", "autoregressive"])
+def test_t6_solver_order_on_policies(schedule, solver, policy):
+    p = solvers.get(solver).order
+    toy = make_toy(4, 2, 1)
+    pol = policies.get("block", size=2) if policy == "block-2" else policies.get(policy)
+    errs = [transport_error(toy, pol.grid(4, k, dtype=torch.float64), schedule, solver) for k in STEPS[p]]
+    orders = observed_order(errs)
+    assert orders[-1] >= p - 0.3, (errs, orders)
+    assert orders[-1] <= p + 1.5, (errs, orders)  # not a lucky cancellation
+
+
+@pytest.mark.parametrize("solver", ODE_SOLVERS)
+@given(seed=st.integers(0, 10_000))
+def test_t6_order_on_random_piecewise_linear_curves(solver, seed):
+    p = solvers.get(solver).order
+    toy = make_toy(3, 2, seed % 7)
+    gen = lambda: torch.Generator().manual_seed(seed)  # noqa: E731
+    base = {1: 24, 2: 6, 4: 3}[p]
+    errs = [
+        transport_error(toy, random_monotone_grid(3, 4, base * r, gen()), "linear", solver)
+        for r in (1, 2, 4)
+    ]
+    assert observed_order(errs)[-1] >= p - 0.5, errs
+
+
+def test_frozen_tokens_are_exactly_unchanged():
+    toy = make_toy(4, 2, 0)
+    z = torch.randn(3, 4, 2, dtype=torch.float64)
+    t_now = torch.tensor([[0.0, 0.5, 1.0, 0.3]] * 3, dtype=torch.float64)
+    t_next = torch.tensor([[0.0, 0.25, 1.0, 0.3]] * 3, dtype=torch.float64)
+    field = Field(toy.denoiser("linear"), schedules.get("linear"))
+    for name in solvers.names():
+        if name == "torchdiffeq":
+            continue
+        out = solvers.get(name).step(field, z, t_now, t_next, generator=torch.Generator().manual_seed(0))
+        frozen = (t_now == t_next)[..., None].expand_as(z)
+        assert torch.equal(out[frozen], z[frozen]), name
+        assert not torch.equal(out[:, 1], z[:, 1]), name
+
+
+def test_partial_grids_compose():
+    toy = make_toy(4, 2, 2)
+    z = torch.randn(2, 4, 2, dtype=torch.float64)
+    full = policies.get("block", size=2).grid(4, 8, dtype=torch.float64)
+    whole = integrate(toy.denoiser("cosine"), z, full, "cosine", "heun").z
+    half = integrate(toy.denoiser("cosine"), z, full[:5], "cosine", "heun").z
+    rest = integrate(toy.denoiser("cosine"), half, full[4:], "cosine", "heun").z
+    torch.testing.assert_close(rest, whole, rtol=0, atol=0)
+
+
+def test_ancestral_reaches_data_and_is_seeded():
+    toy = make_toy(3, 2, 0)
+    z = torch.randn(2, 3, 2, dtype=torch.float64)
+    grid = policies.get("synchronous").grid(3, 5, dtype=torch.float64)
+    run = lambda s: integrate(toy.denoiser("linear"), z, grid, "linear", "ancestral",  # noqa: E731
+                              generator=torch.Generator().manual_seed(s)).z
+    torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
+    assert not torch.equal(run(1), run(2))
+
+
+def test_integrate_bad_input():
+    toy = make_toy(3, 2, 0)
+    den = toy.denoiser("linear")
+    z = torch.zeros(2, 3, 2, dtype=torch.float64)
+    good = policies.get("synchronous").grid(3, 4, dtype=torch.float64)
+    with pytest.raises(ShapeError, match="z must be"):
+        integrate(den, z[0], good, "linear")
+    with pytest.raises(ShapeError, match="times must be"):
+        integrate(den, z, good[:, :2], "linear")
+    with pytest.raises(TimeRangeError, match=r"\[0, 1\]"):
+        integrate(den, z, good * 2, "linear")
+    with pytest.raises(TimeRangeError, match="non-increasing"):
+        integrate(den, z, good.flip(0), "linear")
+    with pytest.raises(ShapeError, match="denoiser returned"):
+        integrate(lambda z, t: z[..., :1], z, good, "linear")
+    with pytest.raises(ValueError, match="valid names"):
+        integrate(den, z, good, "linear", "rk45")
