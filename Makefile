@@ -25,7 +25,7 @@ run: $(VENV)/.ready
 test: $(VENV)/.ready
 	$(BIN)/ruff check flowtext tests experiments
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
-	$(BIN)/mkdocs build --strict -q
+	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 
 docs: $(VENV)/.ready
 	$(BIN)/mkdocs serve

@@ -48,7 +48,8 @@ class Registry(Generic[T]):
         """The class registered under ``name``.
 
         Raises:
-            ConfigError: (a ``ValueError``) If ``name`` is unknown; the message lists the valid names.
+            ConfigError: (a ``ValueError``) If ``name`` is unknown; the message lists
+                the valid names.
         """
         if not isinstance(name, str) or name not in self._classes:
             raise ConfigError(
@@ -60,7 +61,8 @@ class Registry(Generic[T]):
         """Instantiate the component registered under ``name`` with ``kwargs``.
 
         Raises:
-            ConfigError: (a ``ValueError``) If ``name`` is unknown or the keyword arguments do not fit.
+            ConfigError: (a ``ValueError``) If ``name`` is unknown or the keyword
+                arguments do not fit.
         """
         cls = self.cls(name)
         try:

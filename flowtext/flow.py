@@ -1,11 +1,8 @@
 """The shared probability flow: velocity from a clean prediction, and integration over a grid.
 
 For ``t_i > 0`` the shared field of theory §1 is
-
-.. math::
-
-    u_i(z, t) = \\alpha'(t_i)\\,\\hat x_i + \\sigma'(t_i)\\,\\hat\\varepsilon_i,\\qquad
-    \\hat\\varepsilon_i = \\frac{z_i - \\alpha(t_i)\\hat x_i}{\\sigma(t_i)}.
+``u_i(z, t) = alpha'(t_i) x_hat_i + sigma'(t_i) eps_hat_i`` with
+``eps_hat_i = (z_i - alpha(t_i) x_hat_i) / sigma(t_i)``.
 
 At ``sigma(t_i) = 0`` (``t_i = 0``) the noise estimate is taken as its limit for data with a
 density, ``eps_hat = 0``, so the field is ``alpha'(0) x_hat``: finite, and exact for the Gaussian
@@ -81,7 +78,11 @@ def conditional_path(x: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule)
 
 
 def conditional_velocity(x: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """Time derivative of :func:`conditional_path`: ``alpha'(t) x + sigma'(t) eps``, ``[B, L, d]``."""
+    """Time derivative of :func:`conditional_path`: ``alpha'(t) x + sigma'(t) eps``.
+
+    Returns:
+        ``[B, L, d]``.
+    """
     return _per_token(schedule.d_alpha(t), x) * x + _per_token(schedule.d_sigma(t), x) * eps
 
 
@@ -101,7 +102,9 @@ class Field:
         """Clean-embedding prediction ``[B, L, d]`` (shape checked)."""
         out = self.denoiser(z, t)
         if out.shape != z.shape:
-            raise ShapeError(f"denoiser returned shape {tuple(out.shape)}, expected {tuple(z.shape)}")
+            raise ShapeError(
+                f"denoiser returned shape {tuple(out.shape)}, expected {tuple(z.shape)}"
+            )
         return out
 
     def velocity(self, z: Tensor, t: Tensor) -> Tensor:

@@ -216,7 +216,9 @@ class Diagonal(StaticPolicy):
     width: float = 0.25
 
     def __post_init__(self) -> None:
-        if not (isinstance(self.width, (int, float)) and math.isfinite(self.width) and self.width > 0):
+        if not (
+            isinstance(self.width, (int, float)) and math.isfinite(self.width) and self.width > 0
+        ):
             raise ConfigError(f"diagonal width must be a finite number > 0, got {self.width!r}")
 
     def curve(self, s: Tensor, length: int) -> Tensor:  # noqa: D102

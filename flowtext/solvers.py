@@ -200,9 +200,7 @@ class RK4(RungeKutta):
     c: ClassVar = (0.0, 0.5, 0.5, 1.0)
 
 
-def posterior(
-    z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, schedule
-) -> tuple[Tensor, Tensor]:
+def posterior(z_t: Tensor, x: Tensor, t: Tensor, s: Tensor, schedule) -> tuple[Tensor, Tensor]:
     """Mean and std of ``q(z_s | z_t, x)`` for ``s <= t`` (per token).
 
     With ``a = alpha_t / alpha_s`` and ``v = sigma_t^2 - a^2 sigma_s^2``, the posterior has mean
@@ -309,7 +307,12 @@ class TorchDiffEq(Solver):
             return field.velocity(y, t.expand(z.shape[:2]).to(y.dtype))
 
         sol = odeint(
-            f, z, uniq, method=self.method, rtol=self.rtol, atol=self.atol,
+            f,
+            z,
+            uniq,
+            method=self.method,
+            rtol=self.rtol,
+            atol=self.atol,
             options=self.options or None,
         )
         return sol[torch.cumsum(keep, 0) - 1]

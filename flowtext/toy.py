@@ -4,12 +4,9 @@ Data ``x ~ N(m, C)`` over ``[L, d]`` with a full covariance ``C`` across all ``L
 (tokens are correlated). With per-token times, ``z = A x + S eps`` where ``A`` and ``S`` are
 diagonal (``alpha(t_i)``, ``sigma(t_i)`` repeated over each token's ``d`` coordinates), so
 
-.. math::
-
-    \\mathbb E[x \\mid z] = m + C A (A C A + S^2)^{-1} (z - A m),
-
-which is the exact denoiser for *any* per-token time vector. ``A C A + S^2`` is positive
-definite whenever ``C`` is, because ``alpha = 1`` wherever ``sigma = 0``.
+``E[x | z] = m + C A (A C A + S^2)^{-1} (z - A m)``, which is the exact denoiser for
+*any* per-token time vector. ``A C A + S^2`` is positive definite whenever ``C`` is,
+because ``alpha = 1`` wherever ``sigma = 0``.
 """
 
 from __future__ import annotations

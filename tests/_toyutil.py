@@ -1,33 +1,13 @@
-"""Helpers shared by the flow tests: the exact pushforward of the (affine) discretized flow."""
+"""Helpers shared by the flow tests (the exact pushforward lives in flowtext.demo)."""
 
 import torch
 
-from flowtext.flow import integrate
+from flowtext.demo import pushforward
 from flowtext.toy import GaussianToy
 
 
 def make_toy(length=4, dim=2, seed=0):
     return GaussianToy.random(length, dim, generator=torch.Generator().manual_seed(seed))
-
-
-def pushforward(toy, times, schedule, solver):
-    """Mean and covariance of the discretized flow's output when the input is z ~ q(z | t=times[0]).
-
-    With the exact Gaussian denoiser the field is affine in z, so every Runge-Kutta step is affine
-    and the whole map is z -> J z + b: pushing 0 and the Cholesky columns through gives the
-    output law exactly, with no Monte Carlo error.
-    """
-    n = toy.mean.numel()
-    t0 = times[0] if times.ndim == 2 else times[0, 0]
-    m1, c1 = toy.marginal(t0, schedule)
-    chol = torch.linalg.cholesky(c1)
-    basis = torch.cat([torch.zeros(1, n, dtype=c1.dtype), torch.eye(n, dtype=c1.dtype)])
-    z = (m1.reshape(-1) + basis @ chol.T).reshape(n + 1, toy.length, toy.dim)
-    if times.ndim == 3:
-        times = times[:, :1].expand(-1, n + 1, -1)
-    out = integrate(toy.denoiser(schedule), z, times, schedule, solver).z.reshape(n + 1, n)
-    jac = (out[1:] - out[0]).T
-    return out[0].reshape(toy.length, toy.dim), jac @ jac.T
 
 
 def transport_error(toy, times, schedule, solver):

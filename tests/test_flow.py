@@ -40,7 +40,9 @@ def test_t1_synchronous_equals_torchdiffeq_on_same_grid(schedule, method, seed, 
     field = Field(toy.denoiser(sched), sched)
     ref = odeint(lambda t, y: field.velocity(y, t.expand(4, 3)), z, grid[:, 0], method=method)
     torch.testing.assert_close(ours.trajectory, ref, rtol=1e-10, atol=1e-10)
-    adapter = integrate(toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq", method=method))
+    adapter = integrate(
+        toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq", method=method)
+    )
     torch.testing.assert_close(adapter.z, ours.z, rtol=1e-10, atol=1e-10)
 
 
@@ -63,8 +65,16 @@ def test_dopri5_adapter_matches_fine_rk4():
     sched = schedules.get("cosine")
     z = torch.randn(5, 4, 2, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     grid = policies.get("synchronous").grid(4, 4, dtype=torch.float64)
-    res = integrate(toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq"), return_trajectory=True)
-    fine = integrate(toy.denoiser(sched), z, policies.get("synchronous").grid(4, 256, dtype=torch.float64), sched, "rk4")
+    res = integrate(
+        toy.denoiser(sched), z, grid, sched, solvers.get("torchdiffeq"), return_trajectory=True
+    )
+    fine = integrate(
+        toy.denoiser(sched),
+        z,
+        policies.get("synchronous").grid(4, 256, dtype=torch.float64),
+        sched,
+        "rk4",
+    )
     assert res.trajectory.shape == (5, 5, 4, 2)
     torch.testing.assert_close(res.z, fine.z, rtol=1e-4, atol=2e-5)
 
@@ -73,7 +83,13 @@ def test_torchdiffeq_rejects_per_token_grids():
     toy = make_toy(4, 2, 0)
     grid = policies.get("autoregressive").grid(4, 4, dtype=torch.float64)
     with pytest.raises(ConfigError, match="share one clock"):
-        integrate(toy.denoiser("linear"), torch.zeros(1, 4, 2, dtype=torch.float64), grid, "linear", "torchdiffeq")
+        integrate(
+            toy.denoiser("linear"),
+            torch.zeros(1, 4, 2, dtype=torch.float64),
+            grid,
+            "linear",
+            "torchdiffeq",
+        )
 
 
 def observed_order(errors):
@@ -91,7 +107,10 @@ def test_t6_solver_order_on_policies(schedule, solver, policy):
     p = solvers.get(solver).order
     toy = make_toy(4, 2, 1)
     pol = policies.get("block", size=2) if policy == "block-2" else policies.get(policy)
-    errs = [transport_error(toy, pol.grid(4, k, dtype=torch.float64), schedule, solver) for k in STEPS[p]]
+    errs = [
+        transport_error(toy, pol.grid(4, k, dtype=torch.float64), schedule, solver)
+        for k in STEPS[p]
+    ]
     orders = observed_order(errs)
     assert orders[-1] >= p - 0.3, (errs, orders)
     assert orders[-1] <= p + 1.5, (errs, orders)  # not a lucky cancellation
@@ -120,7 +139,9 @@ def test_frozen_tokens_are_exactly_unchanged():
     for name in solvers.names():
         if name == "torchdiffeq":
             continue
-        out = solvers.get(name).step(field, z, t_now, t_next, generator=torch.Generator().manual_seed(0))
+        out = solvers.get(name).step(
+            field, z, t_now, t_next, generator=torch.Generator().manual_seed(0)
+        )
         frozen = (t_now == t_next)[..., None].expand_as(z)
         assert torch.equal(out[frozen], z[frozen]), name
         assert not torch.equal(out[:, 1], z[:, 1]), name
@@ -140,8 +161,11 @@ def test_ancestral_reaches_data_and_is_seeded():
     toy = make_toy(3, 2, 0)
     z = torch.randn(2, 3, 2, dtype=torch.float64)
     grid = policies.get("synchronous").grid(3, 5, dtype=torch.float64)
-    run = lambda s: integrate(toy.denoiser("linear"), z, grid, "linear", "ancestral",  # noqa: E731
-                              generator=torch.Generator().manual_seed(s)).z
+
+    def run(seed):
+        gen = torch.Generator().manual_seed(seed)
+        return integrate(toy.denoiser("linear"), z, grid, "linear", "ancestral", generator=gen).z
+
     torch.testing.assert_close(run(1), run(1), rtol=0, atol=0)
     assert not torch.equal(run(1), run(2))
 

@@ -30,8 +30,10 @@ def valid_steps(policy, length, mult):
 
 def test_registry_has_required_policies():
     assert {"synchronous", "autoregressive", "block", "diagonal"} <= set(policies.names())
-    assert all(policies.get(n, **({"size": 2} if n == "block" else {})).static
-               for n in ["synchronous", "autoregressive", "block", "diagonal"])
+    assert all(
+        policies.get(n, **({"size": 2} if n == "block" else {})).static
+        for n in ["synchronous", "autoregressive", "block", "diagonal"]
+    )
 
 
 @pytest.mark.parametrize("key", list(STATIC))
@@ -63,10 +65,14 @@ def test_autoregressive_moves_one_token_at_a_time_left_to_right(length, mult):
 @given(length=st.integers(1, 20), mult=st.integers(1, 4))
 def test_block_limits_are_ar_and_synchronous(length, mult):
     ar = policies.get("autoregressive").grid(length, length * mult, dtype=torch.float64)
-    assert torch.equal(policies.get("block", size=1).grid(length, length * mult, dtype=torch.float64), ar)
+    assert torch.equal(
+        policies.get("block", size=1).grid(length, length * mult, dtype=torch.float64), ar
+    )
     sync = policies.get("synchronous").grid(length, mult * 3, dtype=torch.float64)
     for size in (length, length + 5):
-        assert torch.equal(policies.get("block", size=size).grid(length, mult * 3, dtype=torch.float64), sync)
+        assert torch.equal(
+            policies.get("block", size=size).grid(length, mult * 3, dtype=torch.float64), sync
+        )
 
 
 @given(length=st.integers(1, 16))
@@ -74,7 +80,10 @@ def test_diagonal_tends_to_autoregressive_as_width_shrinks(length):
     ar = policies.get("autoregressive").grid(length, length, dtype=torch.float64)
     widths = [1.0, 0.3, 0.1, 0.03, 0.01, 0.25 / length]
     dists = [
-        (policies.get("diagonal", width=w).grid(length, length, dtype=torch.float64) - ar).abs().max().item()
+        (policies.get("diagonal", width=w).grid(length, length, dtype=torch.float64) - ar)
+        .abs()
+        .max()
+        .item()
         for w in widths
     ]
     assert all(a >= b - 1e-12 for a, b in zip(dists, dists[1:]))
@@ -85,7 +94,10 @@ def test_diagonal_tends_to_autoregressive_as_width_shrinks(length):
 def test_diagonal_flattens_towards_synchronous(length, steps):
     sync = policies.get("synchronous").grid(length, steps, dtype=torch.float64)
     dists = [
-        (policies.get("diagonal", width=w).grid(length, steps, dtype=torch.float64) - sync).abs().max().item()
+        (policies.get("diagonal", width=w).grid(length, steps, dtype=torch.float64) - sync)
+        .abs()
+        .max()
+        .item()
         for w in (1.0, 10.0, 100.0, 1000.0)
     ]
     assert dists[-1] <= 2.0 / 1000.0

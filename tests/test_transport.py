@@ -30,8 +30,12 @@ def steps_for(policy, mult):
 def test_t7_transport_error_vanishes_as_steps_grow(key, schedule):
     toy = make_toy(L, 2, 5)
     pol = POLICIES[key]
-    errs = [transport_error(toy, pol.grid(L, steps_for(pol, m), dtype=torch.float64), schedule, "midpoint")
-            for m in (2, 4, 8, 16)]
+    errs = [
+        transport_error(
+            toy, pol.grid(L, steps_for(pol, m), dtype=torch.float64), schedule, "midpoint"
+        )
+        for m in (2, 4, 8, 16)
+    ]
     assert all(a > b for a, b in zip(errs, errs[1:])), errs
     assert errs[-1] < 0.05 * errs[0] and errs[-1] < 5e-3, errs
 
@@ -39,8 +43,12 @@ def test_t7_transport_error_vanishes_as_steps_grow(key, schedule):
 @given(seed=st.integers(0, 10_000))
 def test_t7_random_monotone_curves(seed):
     toy = make_toy(4, 2, seed % 5)
-    errs = [transport_error(toy, random_monotone_grid(4, 5, r, torch.Generator().manual_seed(seed)),
-                            "linear", "rk4") for r in (2, 4, 8)]
+    errs = [
+        transport_error(
+            toy, random_monotone_grid(4, 5, r, torch.Generator().manual_seed(seed)), "linear", "rk4"
+        )
+        for r in (2, 4, 8)
+    ]
     assert errs[2] < errs[0] and errs[2] < 1e-3, errs
 
 
@@ -65,9 +73,6 @@ def test_metric_detects_a_wrong_transport():
     """Sanity check of the check: a mismatched schedule carries the toy to the wrong law."""
     toy = make_toy(L, 2, 5)
     grid = POLICIES["synchronous"].grid(L, 32, dtype=torch.float64)
-    from ._toyutil import pushforward
-
-    _, cov = pushforward(toy, grid, "linear", "rk4")
     wrong_denoiser = toy.denoiser("cosine")
     from flowtext.toy import GaussianToy
 
@@ -90,7 +95,13 @@ def test_t7_ancestral_sampler_converges(key):
         steps = total
         g = torch.Generator().manual_seed(0)
         z1 = torch.randn(n, 4, 2, generator=g, dtype=torch.float64)
-        x = integrate(toy.denoiser("linear"), z1, pol.grid(4, steps, dtype=torch.float64), "linear",
-                      "ancestral", generator=g).z.reshape(n, -1)
+        x = integrate(
+            toy.denoiser("linear"),
+            z1,
+            pol.grid(4, steps, dtype=torch.float64),
+            "linear",
+            "ancestral",
+            generator=g,
+        ).z.reshape(n, -1)
         errs.append((torch.cov(x.T) - toy.cov).abs().max().item())
     assert errs[1] < 0.1 * errs[0] and errs[1] < 0.25, errs

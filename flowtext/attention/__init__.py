@@ -15,7 +15,14 @@ from flowtext.attention.reference import (
     visibility_mask,
 )
 
-__all__ = ["LIVE", "attention", "check_times", "sdpa_attention", "two_stream_layout", "visibility_mask"]
+__all__ = [
+    "LIVE",
+    "attention",
+    "check_times",
+    "sdpa_attention",
+    "two_stream_layout",
+    "visibility_mask",
+]
 
 BACKENDS = ("auto", "sdpa", "triton")
 

@@ -68,7 +68,9 @@ def visibility_mask(
         )
     lq, lk = t_q.shape[1], t_k.shape[1]
     if lq > lk or t_q.shape[0] != t_k.shape[0]:
-        raise ShapeError(f"need the same batch and Lq <= Lk; got {tuple(t_q.shape)} vs {tuple(t_k.shape)}")
+        raise ShapeError(
+            f"need the same batch and Lq <= Lk; got {tuple(t_q.shape)} vs {tuple(t_k.shape)}"
+        )
     tq, oq = t_q[:, :, None], o_q[:, :, None]
     tk, ok = t_k[:, None, :], o_k[:, None, :]
     q_committed = tq == 0
@@ -98,7 +100,9 @@ def two_stream_layout(
         ``(t, o)``, each ``[B, 2L]``.
     """
     if block_ids.shape != t_noisy.shape:
-        raise ShapeError(f"block_ids {tuple(block_ids.shape)} and t_noisy {tuple(t_noisy.shape)} differ")
+        raise ShapeError(
+            f"block_ids {tuple(block_ids.shape)} and t_noisy {tuple(t_noisy.shape)} differ"
+        )
     t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)
     o = torch.cat([block_ids, block_ids], dim=1)
     return t, o
