@@ -1,0 +1,69 @@
+"""Exact key/value cache of committed tokens (theory §2).
+
+A committed query only attends to committed keys, so the keys and values of committed tokens never
+depend on live tokens: once computed they stay exact for the rest of decoding.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+__all__ = ["KVCache"]
+
+
+@dataclass(frozen=True)
+class KVCache:
+    """Per-layer keys and values of the committed tokens, plus their orders and positions.
+
+    Immutable: :meth:`FlowTransformer.commit <flowtext.nn.FlowTransformer.commit>` returns a new
+    cache, so a decoder can keep (or branch from) earlier caches. Create an empty one with
+    :meth:`FlowTransformer.new_cache <flowtext.nn.FlowTransformer.new_cache>`.
+
+    Entries with order :data:`~flowtext.attention.LIVE` are padding: no other query can see them
+    (a committed key is visible to a live query only if its order is ``< LIVE``, and to a committed
+    query only if its order is ``<=`` the query's, which is ``< LIVE``).
+
+    Attributes:
+        keys: One tensor per layer, ``[B, H, Lc, Dh]`` (rotary already applied).
+        values: One tensor per layer, ``[B, H, Lc, Dh]``.
+        orders: Commit orders ``[B, Lc]`` (int64).
+        positions: Positions ``[B, Lc]`` (int64).
+    """
+
+    keys: tuple[Tensor, ...]
+    values: tuple[Tensor, ...]
+    orders: Tensor
+    positions: Tensor
+
+    @property
+    def length(self) -> int:
+        """Number ``Lc`` of cached tokens per row (padding included)."""
+        return self.orders.shape[1]
+
+    @property
+    def batch_size(self) -> int:
+        """Batch size ``B``."""
+        return self.orders.shape[0]
+
+    def append(
+        self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor
+    ) -> KVCache:
+        """A new cache with ``n`` more tokens per row.
+
+        Args:
+            kv: Per layer ``(k, v)``, each ``[B, H, n, Dh]``.
+            orders: Their commit orders ``[B, n]``.
+            positions: Their positions ``[B, n]``.
+
+        Returns:
+            The extended cache (this one is unchanged).
+        """
+        return KVCache(
+            keys=tuple(torch.cat([old, k], dim=2) for old, (k, _) in zip(self.keys, kv)),
+            values=tuple(torch.cat([old, v], dim=2) for old, (_, v) in zip(self.values, kv)),
+            orders=torch.cat([self.orders, orders.long()], dim=1),
+            positions=torch.cat([self.positions, positions.long()], dim=1),
+        )

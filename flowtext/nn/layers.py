@@ -1,0 +1,240 @@
+"""Building blocks of the backbone: time features, low-rank adaLN, rotary attention, blocks.
+
+Everything here is per token: the conditioning vector ``c`` has shape ``[B, L, cond_dim]`` and
+every block modulates each token with its own shift, scale and gate.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowtext.attention import attention
+from flowtext.nn.config import FlowTransformerConfig
+
+__all__ = [
+    "Block",
+    "LowRankModulation",
+    "SelfAttention",
+    "TimeEmbedding",
+    "apply_rotary",
+    "rms_norm",
+    "rotary",
+    "time_features",
+]
+
+_EPS = 1e-6
+
+
+def rms_norm(x: Tensor) -> Tensor:
+    """RMS normalization over the last dimension, without learned affine parameters."""
+    return F.rms_norm(x, (x.shape[-1],), eps=_EPS)
+
+
+def time_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
+    """Sinusoidal features of times ``t`` in ``[0, 1]``, ``[..., dim]``.
+
+    Frequencies are geometric from ``1`` to ``1 / max_period`` applied to ``1000 t`` (the
+    convention of DDPM/DiT timestep embeddings, with the time rescaled to ``[0, 1000]``).
+
+    Args:
+        t: Times of any shape.
+        dim: Number of features (even): ``dim / 2`` cosines then ``dim / 2`` sines.
+        max_period: Longest period, in units of ``1000 t``.
+
+    Returns:
+        Features ``[*t.shape, dim]`` in the dtype of ``t``.
+    """
+    half = dim // 2
+    freqs = torch.exp(
+        -math.log(max_period) * torch.arange(half, device=t.device, dtype=t.dtype) / half
+    )
+    args = (1000.0 * t)[..., None] * freqs
+    return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
+
+
+def rotary(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
+    """Cosines and sines of the rotary embedding at integer ``positions``.
+
+    Args:
+        positions: Positions ``[B, L]`` (integer).
+        head_dim: Per-head width (even).
+        base: Frequency base.
+        dtype: Floating dtype of the result (computed in at least float32).
+
+    Returns:
+        ``(cos, sin)``, each ``[B, 1, L, head_dim / 2]``.
+    """
+    work = torch.promote_types(dtype, torch.float32)
+    half = head_dim // 2
+    inv_freq = base ** (-torch.arange(half, device=positions.device, dtype=work) / half)
+    angles = positions.to(work)[:, None, :, None] * inv_freq
+    return torch.cos(angles).to(dtype), torch.sin(angles).to(dtype)
+
+
+def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
+    """Rotate pairs ``(x[..., j], x[..., j + D/2])`` of ``x`` ``[B, H, L, D]`` by the angles."""
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+
+
+class TimeEmbedding(nn.Module):
+    """Per-token conditioning vector ``c_i = MLP(features(t_i))``, ``[B, L] -> [B, L, dim]``.
+
+    Args:
+        dim: Width of the features and of the output.
+    """
+
+    def __init__(self, dim: int) -> None:
+        super().__init__()
+        self.dim = dim
+        self.mlp = nn.Sequential(nn.Linear(dim, dim), nn.SiLU(), nn.Linear(dim, dim))
+
+    def forward(self, t: Tensor) -> Tensor:
+        """Embed times ``t`` ``[B, L]`` into ``[B, L, dim]``."""
+        return self.mlp(time_features(t.to(self.mlp[0].weight.dtype), self.dim))
+
+
+class LowRankModulation(nn.Module):
+    """adaLN modulation through a rank-``r`` bottleneck: ``silu(c) -> r -> n_chunks * d``.
+
+    The up-projection starts at zero (DiT's adaLN-Zero), so every shift, scale and gate is zero at
+    initialization and each block starts as the identity.
+
+    Args:
+        cond_dim: Width of the conditioning vector.
+        rank: Bottleneck width ``r``.
+        d_model: Width of each produced chunk.
+        n_chunks: Number of chunks (6 in a block: shift/scale/gate for attention and MLP).
+    """
+
+    def __init__(self, cond_dim: int, rank: int, d_model: int, n_chunks: int) -> None:
+        super().__init__()
+        self.n_chunks = n_chunks
+        self.down = nn.Linear(cond_dim, rank, bias=False)
+        self.up = nn.Linear(rank, n_chunks * d_model)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Zero the up-projection (identity blocks at initialization)."""
+        nn.init.zeros_(self.up.weight)
+        nn.init.zeros_(self.up.bias)
+
+    def forward(self, c_act: Tensor) -> tuple[Tensor, ...]:
+        """Chunks ``[B, L, d]`` from the activated conditioning ``silu(c)`` ``[B, L, cond_dim]``."""
+        return self.up(self.down(c_act)).chunk(self.n_chunks, dim=-1)
+
+
+def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
+    """``rms_norm(x) * (1 + scale) + shift``, per token."""
+    return rms_norm(x) * (1 + scale) + shift
+
+
+class SelfAttention(nn.Module):
+    """Multi-head attention with rotary positions under the visibility rule of theory §2.
+
+    Queries are the given tokens; keys and values are the cached ones (if any) followed by the
+    given tokens' own, matching :func:`flowtext.attention.attention` (queries are the last keys).
+
+    Args:
+        config: Model configuration.
+    """
+
+    def __init__(self, config: FlowTransformerConfig) -> None:
+        super().__init__()
+        self.n_heads = config.n_heads
+        self.backend = config.attention_backend
+        self.qkv = nn.Linear(config.d_model, 3 * config.d_model, bias=False)
+        self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
+
+    def forward(
+        self,
+        x: Tensor,
+        rope: tuple[Tensor, Tensor],
+        t_q: Tensor,
+        o_q: Tensor,
+        t_k: Tensor,
+        o_k: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Attend from ``x`` ``[B, L, d]``.
+
+        Args:
+            x: Normalized, modulated input ``[B, L, d]``.
+            rope: ``(cos, sin)`` of the tokens' positions, each ``[B, 1, L, Dh/2]``.
+            t_q: Times of the given tokens ``[B, L]``.
+            o_q: Orders of the given tokens ``[B, L]``.
+            t_k: Times of all keys (cached then given) ``[B, Lc + L]``.
+            o_k: Orders of all keys ``[B, Lc + L]``.
+            past: Cached ``(K, V)``, each ``[B, H, Lc, Dh]``, or ``None``.
+
+        Returns:
+            ``(out [B, L, d], (k, v))`` where ``k, v`` ``[B, H, L, Dh]`` are the given tokens' own
+            keys (after rotary) and values, ready to be cached.
+        """
+        b, n, d = x.shape
+        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
+        k_all, v_all = (k, v)
+        if past is not None:
+            k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
+        out = attention(q, k_all, v_all, t_q, o_q, t_k, o_k, backend=self.backend)
+        return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
+
+
+class MLP(nn.Module):
+    """Two-layer GELU MLP ``d -> hidden -> d``."""
+
+    def __init__(self, config: FlowTransformerConfig) -> None:
+        super().__init__()
+        self.fc = nn.Linear(config.d_model, config.mlp_hidden)
+        self.proj = nn.Linear(config.mlp_hidden, config.d_model)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Apply to ``[..., d]``."""
+        return self.proj(F.gelu(self.fc(x), approximate="tanh"))
+
+
+class Block(nn.Module):
+    """Pre-norm Transformer block with per-token adaLN-Zero modulation.
+
+    ``x += gate_a * attn(norm(x) * (1 + scale_a) + shift_a)``, then the same for the MLP; the six
+    per-token vectors come from :class:`LowRankModulation` of the time conditioning.
+
+    Args:
+        config: Model configuration.
+    """
+
+    def __init__(self, config: FlowTransformerConfig) -> None:
+        super().__init__()
+        self.modulation = LowRankModulation(
+            config.cond_dim, config.cond_rank, config.d_model, n_chunks=6
+        )
+        self.attn = SelfAttention(config)
+        self.mlp = MLP(config)
+        self.drop = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: Tensor,
+        c_act: Tensor,
+        rope: tuple[Tensor, Tensor],
+        t_q: Tensor,
+        o_q: Tensor,
+        t_k: Tensor,
+        o_k: Tensor,
+        past: tuple[Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """Update the residual stream ``x`` ``[B, L, d]``; see :meth:`SelfAttention.forward`.
+
+        Returns:
+            ``(x, (k, v))``: the new residual stream and the given tokens' keys and values.
+        """
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_act)
+        h, kv = self.attn(modulate(x, shift_a, scale_a), rope, t_q, o_q, t_k, o_k, past)
+        x = x + gate_a * self.drop(h)
+        x = x + gate_m * self.drop(self.mlp(modulate(x, shift_m, scale_m)))
+        return x, kv

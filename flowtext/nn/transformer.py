@@ -1,0 +1,369 @@
+"""The time-conditioned Transformer: the one denoiser ``p_theta(x_i | z, t)`` of theory §1.
+
+Reading order of :meth:`FlowTransformer.forward`:
+
+1. input: ``W_in z_i`` for tokens with ``t_i < 1``; a learned null vector for ``t_i == 1`` (their
+   ``z`` is not read); plus ``W_t c_i`` where ``c_i = MLP(features(t_i))`` is the token's time
+   conditioning;
+2. ``n_layers`` pre-norm blocks with per-token low-rank adaLN-Zero modulation from ``c_i``,
+   rotary positions, and attention under the visibility rule of theory §2;
+3. final modulated norm, then two heads: logits over the vocabulary and a non-negative
+   per-token difficulty (theory §3).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from flowtext.attention import LIVE, check_times
+from flowtext.errors import DataError, ShapeError, TimeRangeError
+from flowtext.nn.cache import KVCache
+from flowtext.nn.config import FlowTransformerConfig
+from flowtext.nn.layers import Block, LowRankModulation, TimeEmbedding, modulate, rotary
+
+__all__ = ["FlowOutput", "FlowTransformer"]
+
+
+@dataclass
+class FlowOutput:
+    """What the backbone predicts for every given token.
+
+    Attributes:
+        logits: Clean-token logits ``[B, L, V]``: ``softmax`` gives ``p_theta(x_i | z, t)``.
+        difficulty: Progression-time head ``g_theta(z, t)`` ``[B, L]``, non-negative: the
+            predicted commit loss of each token (theory §3).
+        hidden: Final features ``[B, L, d_model]`` that both heads read.
+    """
+
+    logits: Tensor
+    difficulty: Tensor
+    hidden: Tensor | None = None
+
+
+def _describe(x: object) -> str:
+    if isinstance(x, Tensor):
+        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
+    return type(x).__name__
+
+
+def _is_int(x: Tensor) -> bool:
+    return not torch.is_floating_point(x) and not torch.is_complex(x) and x.dtype != torch.bool
+
+
+class FlowTransformer(nn.Module):
+    """Compact Transformer with per-token time conditioning, the shared denoiser of flowtext.
+
+    Every token ``i`` carries a latent ``z_i`` ``[d_embed]``, a progression time ``t_i`` in
+    ``[0, 1]`` (0 = committed, 1 = pure noise) and an integer order ``o_i`` (commit order if
+    committed, group id if live, see :mod:`flowtext.attention.reference`). Attention always goes
+    through :func:`flowtext.attention.attention`, so the visibility rules hold by construction.
+
+    The readout is *not* tied to the embedding table: ``d_embed`` is the (typically small)
+    dimension of the diffusion latent, and tying would cap the rank of the logits at ``d_embed``.
+
+    Args:
+        config: Hyperparameters.
+
+    Example:
+        >>> import torch
+        >>> from flowtext.nn import FlowTransformer, FlowTransformerConfig
+        >>> cfg = FlowTransformerConfig(vocab_size=16, max_len=8, d_model=32, n_layers=1,
+        ...                             n_heads=2, d_embed=8, cond_dim=16, cond_rank=4)
+        >>> model = FlowTransformer(cfg)
+        >>> tokens = torch.randint(0, 16, (2, 8))
+        >>> t = torch.full((2, 8), 0.5)
+        >>> z = 0.5 * model.embed(tokens) + 0.5 * torch.randn(2, 8, 8)
+        >>> out = model(z, t, torch.zeros(2, 8, dtype=torch.long))
+        >>> out.logits.shape, out.difficulty.shape
+        (torch.Size([2, 8, 16]), torch.Size([2, 8]))
+    """
+
+    def __init__(self, config: FlowTransformerConfig) -> None:
+        super().__init__()
+        self.config = config
+        c = config
+        self.embedding = nn.Parameter(torch.empty(c.vocab_size, c.d_embed))
+        self.in_proj = nn.Linear(c.d_embed, c.d_model)
+        self.null = nn.Parameter(torch.empty(c.d_model))
+        self.time_embed = TimeEmbedding(c.cond_dim)
+        self.time_in = nn.Linear(c.cond_dim, c.d_model)
+        self.drop = nn.Dropout(c.dropout)
+        self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        self.final_modulation = LowRankModulation(c.cond_dim, c.cond_rank, c.d_model, n_chunks=2)
+        self.readout = nn.Linear(c.d_model, c.vocab_size)
+        self.difficulty_head = nn.Sequential(
+            nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Linear(c.d_model, 1)
+        )
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """Initialize: linears ``N(0, 0.02)``, zero biases, adaLN up-projections zero."""
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.normal_(module.weight, std=0.02)
+                if module.bias is not None:
+                    nn.init.zeros_(module.bias)
+        nn.init.normal_(self.embedding)
+        nn.init.normal_(self.null, std=0.02 * math.sqrt(self.config.d_embed))
+        for module in self.modules():
+            if isinstance(module, LowRankModulation):
+                module.reset_parameters()
+
+    # ------------------------------------------------------------------ embeddings
+
+    def embedding_table(self) -> Tensor:
+        """All embeddings ``e(v)``, ``[V, d_embed]``, each of norm ``sqrt(d_embed)``."""
+        return math.sqrt(self.config.d_embed) * F.normalize(self.embedding, dim=-1)
+
+    def embed(self, tokens: Tensor) -> Tensor:
+        """Embeddings ``e(x)`` of token ids, at fixed norm ``sqrt(d_embed)`` (unit RMS).
+
+        Args:
+            tokens: Token ids ``[B, L]`` (integer) in ``[0, vocab_size)``.
+
+        Returns:
+            ``[B, L, d_embed]``.
+
+        Raises:
+            ShapeError: ``tokens`` is not an integer tensor.
+            DataError: An id lies outside ``[0, vocab_size)``.
+        """
+        if not isinstance(tokens, Tensor) or not _is_int(tokens):
+            raise ShapeError(f"tokens must be an integer tensor [B, L], got {_describe(tokens)}")
+        v = self.config.vocab_size
+        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
+            raise DataError(
+                f"token ids must lie in [0, vocab_size={v}); got range "
+                f"[{tokens.min().item()}, {tokens.max().item()}]"
+            )
+        return F.embedding(tokens, self.embedding_table())
+
+    def x0_hat(self, logits: Tensor) -> Tensor:
+        """Expected clean embedding ``sum_v softmax(logits)_v e(v)`` (theory §1).
+
+        Args:
+            logits: ``[..., V]``.
+
+        Returns:
+            ``[..., d_embed]``, a convex combination of the embeddings (norm ``<= sqrt(d_embed)``).
+        """
+        if not isinstance(logits, Tensor) or logits.shape[-1:] != (self.config.vocab_size,):
+            raise ShapeError(
+                f"logits must end in vocab_size={self.config.vocab_size}, got {_describe(logits)}"
+            )
+        table = self.embedding_table()
+        return torch.softmax(logits, dim=-1).to(table.dtype) @ table
+
+    # ------------------------------------------------------------------ forward / cache
+
+    def forward(
+        self,
+        z: Tensor,
+        t: Tensor,
+        o: Tensor,
+        positions: Tensor | None = None,
+        cache: KVCache | None = None,
+    ) -> FlowOutput:
+        """Predict clean tokens and difficulties for every given token.
+
+        Without a cache the given tokens are the whole state (single stream, or the ``2L``
+        two-stream layout of :func:`flowtext.attention.two_stream_layout` with
+        ``positions = arange(L).repeat(2)``). With a cache the given tokens are the queries and
+        attend to the cached committed tokens and to each other; the cache is not modified.
+
+        Args:
+            z: Latents ``[B, L, d_embed]``. Rows with ``t == 1`` are not read (may hold anything).
+            t: Progression times ``[B, L]`` in ``[0, 1]``.
+            o: Orders ``[B, L]`` (integer): commit order for ``t == 0``, group for ``t > 0``
+                (:data:`~flowtext.attention.LIVE` while sampling).
+            positions: Positions ``[B, L]`` or ``[L]`` (integer) in ``[0, max_len)``; default
+                ``Lc + arange(L)`` where ``Lc`` is the cache length (0 without a cache).
+            cache: Committed tokens' keys and values from :meth:`commit`, or ``None``.
+
+        Returns:
+            :class:`FlowOutput` with ``logits [B, L, V]``, ``difficulty [B, L]``,
+            ``hidden [B, L, d_model]``.
+
+        Raises:
+            ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
+            TimeRangeError: ``t`` outside ``[0, 1]``.
+        """
+        h, _ = self._trunk(z, t, o, positions, cache)
+        feats = h.detach() if self.config.difficulty_detach else h
+        difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
+        return FlowOutput(logits=self.readout(h), difficulty=difficulty, hidden=h)
+
+    def new_cache(
+        self,
+        batch_size: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> KVCache:
+        """An empty cache (``Lc = 0``) for ``batch_size`` rows.
+
+        Args:
+            batch_size: Number of rows ``B``.
+            device: Defaults to the device of the parameters.
+            dtype: Defaults to the dtype of the parameters.
+
+        Returns:
+            A :class:`KVCache` with zero tokens.
+        """
+        ref = self.in_proj.weight
+        device = ref.device if device is None else device
+        dtype = ref.dtype if dtype is None else dtype
+        c = self.config
+        empty = torch.zeros(batch_size, c.n_heads, 0, c.head_dim, device=device, dtype=dtype)
+        idx = torch.zeros(batch_size, 0, device=device, dtype=torch.long)
+        return KVCache(
+            keys=(empty,) * c.n_layers, values=(empty,) * c.n_layers, orders=idx, positions=idx
+        )
+
+    def commit(self, cache: KVCache, z: Tensor, o: Tensor, positions: Tensor) -> KVCache:
+        """Run newly committed tokens (``t = 0``) and return the cache extended by them.
+
+        The new tokens attend to the cached tokens and to each other under the visibility rule
+        (committed queries see committed keys of order ``<=`` their own), which is exactly what
+        they see in a full forward pass: the result is exact, not an approximation.
+
+        Every row appends the same number ``n`` of tokens. A row that commits fewer tokens can be
+        padded with dummy tokens of order :data:`~flowtext.attention.LIVE`: such entries are
+        invisible to every other query, now and later.
+
+        Args:
+            cache: Current cache (unchanged; a new one is returned).
+            z: Committed latents ``[B, n, d_embed]`` (normally ``embed(tokens)``).
+            o: Their commit orders ``[B, n]`` (integer, ``<= LIVE``); per row, every non-padding
+                order must exceed every non-padding order already cached (commits come in order;
+                tokens committed in the same step share an order).
+            positions: Their positions ``[B, n]`` or ``[n]`` (integer) in ``[0, max_len)``.
+
+        Returns:
+            The extended :class:`KVCache` (``Lc + n`` tokens).
+
+        Raises:
+            ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
+            TimeRangeError: Orders above ``LIVE`` or not after the cached ones.
+        """
+        if not isinstance(o, Tensor) or not _is_int(o):
+            raise ShapeError(f"o must be an integer tensor [B, n], got {_describe(o)}")
+        if positions is None:
+            raise ShapeError("commit needs explicit positions [B, n] of the committed tokens")
+        if isinstance(z, Tensor) and z.ndim == 3 and z.shape[1] == 0:
+            return cache
+        o = o.long()
+        if bool((o > LIVE).any()):
+            raise TimeRangeError(f"commit orders must be <= LIVE={LIVE} (LIVE marks padding)")
+        if cache.length and o.shape[0] == cache.batch_size:
+            low = torch.iinfo(torch.long).min
+            prev = torch.where(cache.orders < LIVE, cache.orders, low).amax(dim=1)
+            new = torch.where(o < LIVE, o, LIVE).amin(dim=1)
+            if bool((new <= prev).any()):
+                row = int((new <= prev).nonzero()[0, 0])
+                raise TimeRangeError(
+                    f"commit orders must increase: row {row} commits order {int(new[row])} but "
+                    f"the cache already holds order {int(prev[row])}"
+                )
+        t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
+        _, kv = self._trunk(z, t, o, positions, cache)
+        positions = self._positions(positions, *o.shape, cache.length, o.device)
+        return cache.append(kv, o, positions)
+
+    # ------------------------------------------------------------------ internals
+
+    def _positions(
+        self, positions: Tensor | None, batch: int, length: int, past: int, device: torch.device
+    ) -> Tensor:
+        max_len = self.config.max_len
+        if positions is None:
+            if past + length > max_len:
+                raise ShapeError(
+                    f"sequence too long: {length} tokens"
+                    + (f" after {past} cached" if past else "")
+                    + f" exceed max_len={max_len}; crop the input or raise max_len in "
+                    "FlowTransformerConfig"
+                )
+            return torch.arange(past, past + length, device=device).expand(batch, length)
+        if not isinstance(positions, Tensor) or not _is_int(positions):
+            raise ShapeError(f"positions must be an integer tensor, got {_describe(positions)}")
+        if positions.shape == (length,):
+            positions = positions.expand(batch, length)
+        if positions.shape != (batch, length):
+            raise ShapeError(
+                f"positions must have shape [B, L] = {(batch, length)} or [L], got "
+                f"{tuple(positions.shape)}"
+            )
+        if positions.numel() and (positions.min() < 0 or positions.max() >= max_len):
+            raise ShapeError(
+                f"positions must lie in [0, max_len={max_len}); got range "
+                f"[{positions.min().item()}, {positions.max().item()}]; crop the input or raise "
+                "max_len in FlowTransformerConfig"
+            )
+        return positions.long()
+
+    def _check(self, z: Tensor, t: Tensor, o: Tensor, cache: KVCache | None) -> None:
+        c = self.config
+        if not isinstance(z, Tensor) or z.ndim != 3 or z.shape[-1] != c.d_embed:
+            raise ShapeError(f"z must be [B, L, d_embed={c.d_embed}], got {_describe(z)}")
+        if not torch.is_floating_point(z):
+            raise ShapeError(f"z must be a floating tensor, got dtype {z.dtype}")
+        b, n = z.shape[:2]
+        if n == 0:
+            raise ShapeError("z holds no tokens (L = 0)")
+        if not isinstance(t, Tensor) or t.shape != (b, n):
+            raise ShapeError(f"t must have shape [B, L] = {(b, n)}, got {_describe(t)}")
+        check_times(t)
+        if not isinstance(o, Tensor) or o.shape != (b, n) or not _is_int(o):
+            raise ShapeError(f"o must be an integer tensor [B, L] = {(b, n)}, got {_describe(o)}")
+        if cache is not None:
+            if not isinstance(cache, KVCache):
+                raise ShapeError(f"cache must be a KVCache, got {type(cache).__name__}")
+            if cache.batch_size != b:
+                raise ShapeError(f"cache holds {cache.batch_size} rows but z has {b}")
+            if len(cache.keys) != c.n_layers or (
+                cache.keys[0].shape[1:2] + cache.keys[0].shape[3:] != (c.n_heads, c.head_dim)
+            ):
+                raise ShapeError("cache was built for a different model configuration")
+
+    def _trunk(
+        self,
+        z: Tensor,
+        t: Tensor,
+        o: Tensor,
+        positions: Tensor | None,
+        cache: KVCache | None,
+    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
+        """Final features ``[B, L, d_model]`` and each layer's ``(k, v)`` of the given tokens."""
+        self._check(z, t, o, cache)
+        b, n = t.shape
+        past = 0 if cache is None else cache.length
+        positions = self._positions(positions, b, n, past, z.device)
+        o = o.long()
+        dtype = self.in_proj.weight.dtype
+        rope = rotary(positions, self.config.head_dim, self.config.rope_base, dtype)
+
+        c = self.time_embed(t)
+        c_act = F.silu(c)
+        noise = (t == 1)[..., None]
+        z = z.to(dtype).masked_fill(noise, 0.0)  # a t = 1 token's z is never read, not even NaN
+        x = torch.where(noise, self.null, self.in_proj(z)) + self.time_in(c)
+        x = self.drop(x)
+
+        if cache is None:
+            t_k, o_k = t, o
+        else:
+            t_k = torch.cat([t.new_zeros(b, past), t], dim=1)
+            o_k = torch.cat([cache.orders, o], dim=1)
+        kv = []
+        for i, block in enumerate(self.blocks):
+            layer_past = None if cache is None else (cache.keys[i], cache.values[i])
+            x, layer_kv = block(x, c_act, rope, t, o, t_k, o_k, layer_past)
+            kv.append(layer_kv)
+        shift, scale = self.final_modulation(c_act)
+        return modulate(x, shift, scale), kv
