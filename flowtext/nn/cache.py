@@ -48,9 +48,7 @@ class KVCache:
         """Batch size ``B``."""
         return self.orders.shape[0]
 
-    def append(
-        self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor
-    ) -> KVCache:
+    def append(self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor) -> KVCache:
         """A new cache with ``n`` more tokens per row.
 
         Args:
