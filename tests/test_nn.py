@@ -122,12 +122,14 @@ def test_noise_tokens_input_is_not_read(seed, b, n):
     for other in (z2, z3):
         out = MODEL(other, t, o)
         assert torch.equal(out.logits, ref.logits) and torch.equal(out.difficulty, ref.difficulty)
+    model = make_model()
     zg = z3.clone().requires_grad_(True)
-    MODEL(zg, t, o).logits.sum().backward()
+    model(zg, t, o).logits.sum().backward()  # the NaN must not leak into any gradient either
     assert torch.isfinite(zg.grad).all() and (zg.grad[noise.expand_as(zg)] == 0).all()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters() if p.grad is not None)
 
 
-@settings(max_examples=20)
+@settings(max_examples=40)
 @given(seed=seeds, b=st.integers(1, 3), n=st.integers(2, 14))
 def test_committed_outputs_ignore_live_and_noise_tokens(seed, b, n):
     gen = torch.Generator().manual_seed(seed)
@@ -161,7 +163,7 @@ def test_informative_live_tokens_influence_each_other(seed, n):
 # ---------------------------------------------------------------- two-stream == sequential
 
 
-@settings(max_examples=15)
+@settings(max_examples=30)
 @given(seed=seeds, b=st.integers(1, 2), n=st.integers(1, 12), block=st.integers(1, 5))
 def test_two_stream_equals_sequential_blocks(seed, b, n, block):
     gen = torch.Generator().manual_seed(seed)
@@ -232,7 +234,7 @@ def gather_tokens(x, pos):
     return torch.gather(x, 1, pos if x.ndim == 2 else pos[..., None].expand(-1, -1, x.shape[-1]))
 
 
-@settings(max_examples=25)
+@settings(max_examples=60)
 @given(case=decoding_states())
 def test_cache_is_exact(case):
     b, n, sizes, new_call, seed = case

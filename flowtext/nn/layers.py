@@ -76,9 +76,13 @@ def rotary(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) ->
 
 
 def apply_rotary(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs ``(x[..., j], x[..., j + D/2])`` of ``x`` ``[B, H, L, D]`` by the angles."""
+    """Rotate pairs ``(x[..., j], x[..., j + D/2])`` of ``x`` ``[B, H, L, D]`` by the angles.
+
+    Computed in the promoted dtype of ``x`` and the angles, returned in the dtype of ``x`` (so
+    bfloat16 activations under autocast keep float32 angles).
+    """
     x1, x2 = x.chunk(2, dim=-1)
-    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1)
+    return torch.cat([x1 * cos - x2 * sin, x1 * sin + x2 * cos], dim=-1).to(x.dtype)
 
 
 class TimeEmbedding(nn.Module):
