@@ -13,8 +13,8 @@ Supported:
   two inside the kernel, so they work at the cost of the padded size).
 * float16, bfloat16 and float32 (the same dtype for ``q``, ``k``, ``v``; float32 matmuls use IEEE
   precision, i.e. no TF32, so float32 is for checking rather than speed). Accumulation is float32.
-* Times ``[B, L]`` of any floating dtype in ``[0, 1]``; orders ``[B, L]`` of any integer dtype within
-  the int32 range (they are converted to int32; :data:`~flowtext.attention.LIVE` fits).
+* Times ``[B, L]`` of any floating dtype in ``[0, 1]``; orders ``[B, L]`` of any integer dtype
+  within the int32 range (they are converted to int32; :data:`~flowtext.attention.LIVE` fits).
 * Hardware: CUDA GPUs supported by Triton (written for sm80+/H100), and CPU through the Triton
   interpreter (``TRITON_INTERPRET=1`` set before this module is imported; slow, for tests only).
   Measured on: no GPU was available when this kernel was written; see ``docs/attention.md``.
@@ -23,9 +23,9 @@ Layering: private ``@triton.jit`` kernels → host wrappers (:func:`_forward`, :
 :class:`VisibilityAttentionFunction` (``torch.autograd.Function``) → :func:`visibility_attention`.
 
 Autotuning is keyed on the (power-of-two bucketed) lengths, the padded head dim and the dtypes.
-``single_config=True`` (or the environment variable ``FLOWTEXT_TRITON_SINGLE_CONFIG=1``, or running
-under the interpreter) uses one fixed :class:`TileConfig` instead, which tests use so that autotuning
-cannot hide a bug in one configuration.
+``single_config=True`` (or the environment variable ``FLOWTEXT_TRITON_SINGLE_CONFIG=1``, or
+running under the interpreter) uses one fixed :class:`TileConfig` instead, which tests use so that
+autotuning cannot hide a bug in one configuration.
 """
 
 from __future__ import annotations
@@ -125,7 +125,7 @@ def _tile_may_be_visible(
 
 @triton.jit
 def _fwd_kernel(
-    Q, K, V, O, LSE, TQ, OQ, TK, OK, QSUM, KSUM, COUNT,
+    Q, K, V, OUT, LSE, TQ, OQ, TK, OK, QSUM, KSUM, COUNT,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
     s_vb, s_vh, s_vn, s_vd, s_ob, s_oh, s_om, s_od,
     H, LQ, LK, NGQ, NGK, D, qk_scale_log2,
@@ -198,8 +198,8 @@ def _fwd_kernel(
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     out = acc / l_safe[:, None]
     tl.store(
-        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
-        out.to(O.dtype.element_ty),
+        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
+        out.to(OUT.dtype.element_ty),
         mask=q_ok[:, None] & d_ok[None, :],
     )
     tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_safe + tl.log2(l_safe), mask=q_ok)
@@ -209,7 +209,7 @@ def _fwd_kernel(
 
 @triton.jit
 def _bwd_delta_kernel(
-    O, DO, DELTA, s_ob, s_oh, s_om, s_od, s_db, s_dh, s_dm, s_dd, H, LQ, D,
+    OUT, DO, DELTA, s_ob, s_oh, s_om, s_od, s_db, s_dh, s_dm, s_dd, H, LQ, D,
     BLOCK_M: tl.constexpr, BLOCK_D: tl.constexpr,
 ):  # fmt: skip
     """``delta = rowsum(dO * O)`` in float32, ``[B * H, Lq]``."""
@@ -221,7 +221,7 @@ def _bwd_delta_kernel(
     offs_d = tl.arange(0, BLOCK_D)
     mask = (offs_m < LQ)[:, None] & (offs_d < D)[None, :]
     o = tl.load(
-        O + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
+        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
         mask=mask,
         other=0.0,
     )
@@ -545,7 +545,7 @@ def _resolve_tiles(single_config: bool | TileConfig) -> TileConfig | None:
         return single_config
     if not isinstance(single_config, bool):
         raise ConfigError(f"single_config must be a bool or a TileConfig; got {single_config!r}")
-    if _INTERPRETED:
+    if _INTERPRETED:  # autotuning benchmarks, meaningless (and slow) in the interpreter
         return _INTERPRETER_TILES
     if single_config or os.environ.get("FLOWTEXT_TRITON_SINGLE_CONFIG", "0") == "1":
         return TileConfig()
@@ -647,9 +647,7 @@ def _backward(do, q, k, v, out, lse, tq, oq, tk, ok, qsum, ksum, tiles):
         _bwd_dkdv_kernel[(triton.cdiv(lk, tiles.block_n), bsz * heads)](
             *dkdv_args, **fixed, **common
         )
-        _bwd_dq_kernel[(triton.cdiv(lq, tiles.block_m), bsz * heads)](
-            *dq_args, **fixed, **common
-        )
+        _bwd_dq_kernel[(triton.cdiv(lq, tiles.block_m), bsz * heads)](*dq_args, **fixed, **common)
     return dq, dk, dv
 
 
@@ -707,7 +705,7 @@ def visibility_attention(
         single_config: ``False`` autotunes the tile sizes (keyed on lengths, head dim and dtype);
             ``True`` uses the default :class:`TileConfig`; a :class:`TileConfig` uses that one.
             The environment variable ``FLOWTEXT_TRITON_SINGLE_CONFIG=1`` turns ``False`` into
-            ``True``; under the Triton interpreter 16 x 16 tiles are always used.
+            ``True``; under the Triton interpreter a bool means 16 x 16 tiles.
 
     Returns:
         Attention output ``[B, H, Lq, D]`` in the dtype of ``q`` (a fresh contiguous tensor).
