@@ -14,7 +14,7 @@ from torch import Tensor
 __all__ = ["KVCache"]
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, eq=False)
 class KVCache:
     """Per-layer keys and values of the committed tokens, plus their orders and positions.
 
