@@ -68,6 +68,17 @@ def _visible(tq, oq, iq, q_ok, tk, ok, ik, k_ok):
 
 
 @triton.jit
+def _visible_t(tq, oq, iq, q_ok, tk, ok, ik, k_ok):
+    """The transpose of :func:`_visible`, ``[N, M]`` (rows are keys), built directly."""
+    q_live = tq[None, :] > 0.0
+    same = ok[:, None] == oq[None, :]
+    committed_key = (tk[:, None] == 0.0) & ((ok[:, None] < oq[None, :]) | (same & (~q_live)))
+    live_key = q_live & (tk[:, None] > 0.0) & (tk[:, None] < 1.0) & same
+    self_key = iq[None, :] == ik[:, None]
+    return (committed_key | live_key | self_key) & q_ok[None, :] & k_ok[:, None]
+
+
+@triton.jit
 def _dot(a, b, PRECISION: tl.constexpr, UPCAST: tl.constexpr):
     """``a @ b`` accumulated in float32 (``UPCAST`` works around the interpreter's bf16 matmul)."""
     if UPCAST:
@@ -124,6 +135,127 @@ def _tile_may_be_visible(
 
 
 @triton.jit
+def _k_block_runs(
+    KSUM, b, NGK, qc_max, ql_min, ql_max, start_m, LQ, LK,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Key blocks that may be visible from one query block, as two runs of block indices.
+
+    Returns ``(lo1, hi1, lo2, hi2)``: ``[lo1, hi1)`` is the first run of kept blocks and
+    ``[lo2, hi2)`` everything kept after it (conservatively including any gaps). The main loops run
+    over these ranges without branches, so Triton can software-pipeline their loads.
+    """
+    nb = (LK + BLOCK_N - 1) // BLOCK_N
+    lo1 = nb
+    hi2 = nb * 0
+    for c in range(0, nb, CHUNK):
+        blk = c + tl.arange(0, CHUNK)
+        kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, blk * BLOCK_N, BLOCK_N, G)
+        keep = _tile_may_be_visible(
+            qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
+            BLOCK_M, BLOCK_N,
+        ) & (blk < nb)  # fmt: skip
+        lo1 = tl.minimum(lo1, tl.min(tl.where(keep, blk, nb), 0))
+        hi2 = tl.maximum(hi2, tl.max(tl.where(keep, blk + 1, 0), 0))
+    hi1 = hi2  # one run unless a gap is found below
+    lo2 = nb
+    if hi2 - lo1 > 1:  # a gap is possible: find the end of the first run and the next kept block
+        for c in range(0, nb, CHUNK):
+            blk = c + tl.arange(0, CHUNK)
+            kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, blk * BLOCK_N, BLOCK_N, G)
+            keep = _tile_may_be_visible(
+                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
+                BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            hi1 = tl.minimum(hi1, tl.min(tl.where((~keep) & (blk > lo1) & (blk < nb), blk, nb), 0))
+        for c in range(0, nb, CHUNK):
+            blk = c + tl.arange(0, CHUNK)
+            kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, blk * BLOCK_N, BLOCK_N, G)
+            keep = _tile_may_be_visible(
+                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
+                BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            lo2 = tl.minimum(lo2, tl.min(tl.where(keep & (blk > hi1) & (blk < nb), blk, nb), 0))
+    return lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def _q_block_runs(
+    QSUM, b, NGQ, kc_min, kl_min, kl_max, start_n, LQ, LK,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, G: tl.constexpr, CHUNK: tl.constexpr,
+):  # fmt: skip
+    """Query blocks that may see one key block, as two runs (see :func:`_k_block_runs`)."""
+    nb = (LQ + BLOCK_M - 1) // BLOCK_M
+    lo1 = nb
+    hi2 = nb * 0
+    for c in range(0, nb, CHUNK):
+        blk = c + tl.arange(0, CHUNK)
+        qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, blk * BLOCK_M, BLOCK_M, G)
+        keep = _tile_may_be_visible(
+            qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
+            BLOCK_M, BLOCK_N,
+        ) & (blk < nb)  # fmt: skip
+        lo1 = tl.minimum(lo1, tl.min(tl.where(keep, blk, nb), 0))
+        hi2 = tl.maximum(hi2, tl.max(tl.where(keep, blk + 1, 0), 0))
+    hi1 = hi2  # one run unless a gap is found below
+    lo2 = nb
+    if hi2 - lo1 > 1:
+        for c in range(0, nb, CHUNK):
+            blk = c + tl.arange(0, CHUNK)
+            qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, blk * BLOCK_M, BLOCK_M, G)
+            keep = _tile_may_be_visible(
+                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
+                BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            hi1 = tl.minimum(hi1, tl.min(tl.where((~keep) & (blk > lo1) & (blk < nb), blk, nb), 0))
+        for c in range(0, nb, CHUNK):
+            blk = c + tl.arange(0, CHUNK)
+            qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, blk * BLOCK_M, BLOCK_M, G)
+            keep = _tile_may_be_visible(
+                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
+                BLOCK_M, BLOCK_N,
+            )  # fmt: skip
+            lo2 = tl.minimum(lo2, tl.min(tl.where(keep & (blk > hi1) & (blk < nb), blk, nb), 0))
+    return lo1, hi1, lo2, hi2
+
+
+@triton.jit
+def _fwd_inner(
+    acc, l_i, m_i, n_tiles, q, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+    s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2, lo, hi,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Online-softmax accumulation over the key tiles starting in ``[lo, hi)`` (token indices)."""
+    for start_n in range(lo, hi, BLOCK_N):
+        n_tiles += 1
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < LK
+        kt = tl.load(
+            K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        v = tl.load(
+            V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
+            mask=k_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
+        ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
+        vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
+        s = _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2
+        s = tl.where(vis, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.exp2(m_i - m_safe)
+        p = tl.exp2(s - m_safe[:, None])
+        l_i = l_i * alpha + tl.sum(p, 1)
+        acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
+        m_i = m_new
+    return acc, l_i, m_i, n_tiles
+
+
+@triton.jit
 def _fwd_kernel(
     Q, K, V, OUT, LSE, TQ, OQ, TK, OK, QSUM, KSUM, COUNT,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
@@ -131,9 +263,10 @@ def _fwd_kernel(
     H, LQ, LK, NGQ, NGK, D, qk_scale_log2,
     LQ_KEY, LK_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
-    SKIP: tl.constexpr, COUNT_TILES: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CHUNK: tl.constexpr, COUNT_TILES: tl.constexpr, PRECISION: tl.constexpr,
+    UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One query block of one (batch, head): online softmax over the visible key blocks."""
+    """One query block of one (batch, head): online softmax over the possibly visible key blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -152,47 +285,25 @@ def _fwd_kernel(
     tq = tl.load(TQ + b * LQ + offs_m, mask=q_ok, other=1.0)
     oq = tl.load(OQ + b * LQ + offs_m, mask=q_ok, other=0)
     iq = offs_m + (LK - LQ)
-    if SKIP:
-        qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, start_m, BLOCK_M, G)
+    qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, start_m, BLOCK_M, G)
+    lo1, hi1, lo2, hi2 = _k_block_runs(
+        KSUM, b, NGK, qc_max, ql_min, ql_max, start_m, LQ, LK, BLOCK_M, BLOCK_N, G, CHUNK
+    )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_tiles = 0
-    for start_n in range(0, LK, BLOCK_N):
-        keep = True
-        if SKIP:
-            kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, start_n, BLOCK_N, G)
-            keep = _tile_may_be_visible(
-                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, start_n, LQ, LK,
-                BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        if keep:
-            n_tiles += 1
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_ok = offs_n < LK
-            kt = tl.load(
-                K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                mask=k_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            v = tl.load(
-                V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd,
-                mask=k_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
-            ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
-            vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
-            s = _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2
-            s = tl.where(vis, s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp2(m_i - m_safe)
-            p = tl.exp2(s - m_safe[:, None])
-            l_i = l_i * alpha + tl.sum(p, 1)
-            acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
-            m_i = m_new
+    n_tiles = tl.zeros([], dtype=tl.int32)
+    acc, l_i, m_i, n_tiles = _fwd_inner(
+        acc, l_i, m_i, n_tiles, q, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
+        lo1 * BLOCK_N, hi1 * BLOCK_N, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
+    acc, l_i, m_i, n_tiles = _fwd_inner(
+        acc, l_i, m_i, n_tiles, q, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
+        lo2 * BLOCK_N, hi2 * BLOCK_N, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
@@ -235,6 +346,41 @@ def _bwd_delta_kernel(
 
 
 @triton.jit
+def _dkdv_inner(
+    dk, dv, k, v, tk, ok, offs_n, k_ok, Q, DO, LSE, DELTA, TQ, OQ, b, h, bh,
+    s_qb, s_qh, s_qm, s_qd, s_db, s_dh, s_dm, s_dd, LQ, LK, offs_d, d_ok, qk_scale_log2, lo, hi,
+    BLOCK_M: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dK, dV of one key block over the query tiles starting in ``[lo, hi)``."""
+    for start_m in range(lo, hi, BLOCK_M):
+        offs_m = start_m + tl.arange(0, BLOCK_M)
+        q_ok = offs_m < LQ
+        qt = tl.load(
+            Q + b * s_qb + h * s_qh + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
+            mask=q_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        do = tl.load(
+            DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
+            mask=q_ok[:, None] & d_ok[None, :],
+            other=0.0,
+        )
+        tq = tl.load(TQ + b * LQ + offs_m, mask=q_ok, other=1.0)
+        oq = tl.load(OQ + b * LQ + offs_m, mask=q_ok, other=0)
+        lse = tl.load(LSE + bh * LQ + offs_m, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + bh * LQ + offs_m, mask=q_ok, other=0.0)
+        # Transposed tile [N, M]: rows are keys, columns are queries.
+        vis_t = _visible_t(tq, oq, offs_m + (LK - LQ), q_ok, tk, ok, offs_n, k_ok)
+        s_t = _dot(k, qt, PRECISION, UPCAST) * qk_scale_log2
+        p_t = tl.exp2(tl.where(vis_t, s_t - lse[None, :], float("-inf")))
+        dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
+        dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
+        ds_t = p_t * (dp_t - delta[None, :])
+        dk += _dot(ds_t.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
+    return dk, dv
+
+
+@triton.jit
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, TQ, OQ, TK, OK, QSUM, KSUM,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
@@ -242,11 +388,12 @@ def _bwd_dkdv_kernel(
     H, LQ, LK, NGQ, NGK, D, qk_scale_log2, sm_scale,
     LQ_KEY, LK_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
-    SKIP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One key block of one (batch, head): accumulate dK and dV over the visible query blocks."""
+    """One key block of one (batch, head): dK and dV over the query blocks that may see it."""
     pid_n = tl.program_id(0)
     pid_bh = tl.program_id(1)
+    bh = pid_bh.to(tl.int64)
     b = (pid_bh // H).to(tl.int64)
     h = (pid_bh % H).to(tl.int64)
     start_n = pid_n * BLOCK_N
@@ -267,48 +414,58 @@ def _bwd_dkdv_kernel(
     )
     tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
     ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
-    if SKIP:
-        kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, start_n, BLOCK_N, G)
+    kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, start_n, BLOCK_N, G)
+    lo1, hi1, lo2, hi2 = _q_block_runs(
+        QSUM, b, NGQ, kc_min, kl_min, kl_max, start_n, LQ, LK, BLOCK_M, BLOCK_N, G, CHUNK
+    )
 
     dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    for start_m in range(0, LQ, BLOCK_M):
-        keep = True
-        if SKIP:
-            qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, start_m, BLOCK_M, G)
-            keep = _tile_may_be_visible(
-                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, start_n, LQ, LK,
-                BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        if keep:
-            offs_m = start_m + tl.arange(0, BLOCK_M)
-            q_ok = offs_m < LQ
-            qt = tl.load(
-                Q + b * s_qb + h * s_qh + offs_m[None, :] * s_qm + offs_d[:, None] * s_qd,
-                mask=q_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            do = tl.load(
-                DO + b * s_db + h * s_dh + offs_m[:, None] * s_dm + offs_d[None, :] * s_dd,
-                mask=q_ok[:, None] & d_ok[None, :],
-                other=0.0,
-            )
-            tq = tl.load(TQ + b * LQ + offs_m, mask=q_ok, other=1.0)
-            oq = tl.load(OQ + b * LQ + offs_m, mask=q_ok, other=0)
-            lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=q_ok, other=0.0)
-            delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=q_ok, other=0.0)
-            # Transposed tile [N, M]: rows are keys, columns are queries.
-            vis_t = tl.trans(_visible(tq, oq, offs_m + (LK - LQ), q_ok, tk, ok, offs_n, k_ok))
-            s_t = _dot(k, qt, PRECISION, UPCAST) * qk_scale_log2
-            p_t = tl.exp2(tl.where(vis_t, s_t - lse[None, :], float("-inf")))
-            dv += _dot(p_t.to(do.dtype), do, PRECISION, UPCAST)
-            dp_t = _dot(v, tl.trans(do), PRECISION, UPCAST)
-            ds_t = p_t * (dp_t - delta[None, :])
-            dk += _dot(ds_t.to(qt.dtype), tl.trans(qt), PRECISION, UPCAST)
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, tk, ok, offs_n, k_ok, Q, DO, LSE, DELTA, TQ, OQ, b, h, bh,
+        s_qb, s_qh, s_qm, s_qd, s_db, s_dh, s_dm, s_dd, LQ, LK, offs_d, d_ok, qk_scale_log2,
+        lo1 * BLOCK_M, hi1 * BLOCK_M, BLOCK_M, PRECISION, UPCAST,
+    )  # fmt: skip
+    dk, dv = _dkdv_inner(
+        dk, dv, k, v, tk, ok, offs_n, k_ok, Q, DO, LSE, DELTA, TQ, OQ, b, h, bh,
+        s_qb, s_qh, s_qm, s_qd, s_db, s_dh, s_dm, s_dd, LQ, LK, offs_d, d_ok, qk_scale_log2,
+        lo2 * BLOCK_M, hi2 * BLOCK_M, BLOCK_M, PRECISION, UPCAST,
+    )  # fmt: skip
 
     out_off = b * s_gb + h * s_gh + offs_n[:, None] * s_gn + offs_d[None, :] * s_gd
     tl.store(DK + out_off, (dk * sm_scale).to(DK.dtype.element_ty), mask=kv_mask)
     tl.store(DV + out_off, dv.to(DV.dtype.element_ty), mask=kv_mask)
+
+
+@triton.jit
+def _dq_inner(
+    dq, q, do, lse, delta, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+    s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2, lo, hi,
+    BLOCK_N: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """Accumulate dQ of one query block over the key tiles starting in ``[lo, hi)``."""
+    for start_n in range(lo, hi, BLOCK_N):
+        offs_n = start_n + tl.arange(0, BLOCK_N)
+        k_ok = offs_n < LK
+        kt = tl.load(
+            K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        vt = tl.load(
+            V + b * s_vb + h * s_vh + offs_n[None, :] * s_vn + offs_d[:, None] * s_vd,
+            mask=k_ok[None, :] & d_ok[:, None],
+            other=0.0,
+        )
+        tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
+        ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
+        vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
+        s = _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2
+        p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
+        dp = _dot(do, vt, PRECISION, UPCAST)
+        ds = p * (dp - delta[:, None])
+        dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
+    return dq
 
 
 @triton.jit
@@ -319,9 +476,9 @@ def _bwd_dq_kernel(
     H, LQ, LK, NGQ, NGK, D, qk_scale_log2, sm_scale,
     LQ_KEY, LK_KEY,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_D: tl.constexpr, G: tl.constexpr,
-    SKIP: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
+    CHUNK: tl.constexpr, PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
-    """One query block of one (batch, head): accumulate dQ over the visible key blocks."""
+    """One query block of one (batch, head): dQ over the possibly visible key blocks."""
     pid_m = tl.program_id(0)
     pid_bh = tl.program_id(1)
     b = (pid_bh // H).to(tl.int64)
@@ -347,39 +504,22 @@ def _bwd_dq_kernel(
     iq = offs_m + (LK - LQ)
     lse = tl.load(LSE + pid_bh.to(tl.int64) * LQ + offs_m, mask=q_ok, other=0.0)
     delta = tl.load(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, mask=q_ok, other=0.0)
-    if SKIP:
-        qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, start_m, BLOCK_M, G)
+    qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, start_m, BLOCK_M, G)
+    lo1, hi1, lo2, hi2 = _k_block_runs(
+        KSUM, b, NGK, qc_max, ql_min, ql_max, start_m, LQ, LK, BLOCK_M, BLOCK_N, G, CHUNK
+    )
 
     dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    for start_n in range(0, LK, BLOCK_N):
-        keep = True
-        if SKIP:
-            kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, start_n, BLOCK_N, G)
-            keep = _tile_may_be_visible(
-                qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, start_n, LQ, LK,
-                BLOCK_M, BLOCK_N,
-            )  # fmt: skip
-        if keep:
-            offs_n = start_n + tl.arange(0, BLOCK_N)
-            k_ok = offs_n < LK
-            kt = tl.load(
-                K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd,
-                mask=k_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            vt = tl.load(
-                V + b * s_vb + h * s_vh + offs_n[None, :] * s_vn + offs_d[:, None] * s_vd,
-                mask=k_ok[None, :] & d_ok[:, None],
-                other=0.0,
-            )
-            tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
-            ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
-            vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
-            s = _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2
-            p = tl.exp2(tl.where(vis, s - lse[:, None], float("-inf")))
-            dp = _dot(do, vt, PRECISION, UPCAST)
-            ds = p * (dp - delta[:, None])
-            dq += _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
+    dq = _dq_inner(
+        dq, q, do, lse, delta, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
+        lo1 * BLOCK_N, hi1 * BLOCK_N, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
+    dq = _dq_inner(
+        dq, q, do, lse, delta, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
+        s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
+        lo2 * BLOCK_N, hi2 * BLOCK_N, BLOCK_N, PRECISION, UPCAST,
+    )  # fmt: skip
 
     tl.store(
         DQ + b * s_gb + h * s_gh + offs_m[:, None] * s_gm + offs_d[None, :] * s_gd,
@@ -576,9 +716,9 @@ def _forward(q, k, v, tq, oq, tk, ok, qsum, ksum, tiles, *, count_tiles: bool = 
     common = {
         "BLOCK_D": _block_d(d),
         "G": _G,
-        "SKIP": True,
+        "CHUNK": 64,
         "COUNT_TILES": count_tiles,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "PRECISION": "ieee" if q.dtype == torch.float32 else None,
         "UPCAST": _INTERPRETED and q.dtype == torch.bfloat16,
     }
     if tiles is None:
@@ -615,8 +755,8 @@ def _backward(do, q, k, v, out, lse, tq, oq, tk, ok, qsum, ksum, tiles):
     common = {
         "BLOCK_D": block_d,
         "G": _G,
-        "SKIP": True,
-        "PRECISION": "ieee" if q.dtype == torch.float32 else "tf32",
+        "CHUNK": 64,
+        "PRECISION": "ieee" if q.dtype == torch.float32 else None,
         "UPCAST": _INTERPRETED and q.dtype == torch.bfloat16,
     }
     scalars = (
