@@ -1,0 +1,217 @@
+"""The LightningDataModule: a corpus or task by name or path, tokenized into memmaps."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from flowtext.data._cache import build_char_tokenizer, prepare_tokens
+from flowtext.data._corpora import SPLITS, Corpus, check_fractions, resolve_corpus
+from flowtext.data._datasets import EpochSampler, TaskDataset, TokenWindows, _check_seq_len
+from flowtext.data._tasks import Task
+from flowtext.data._tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_state
+from flowtext.errors import ConfigError, DataError
+
+__all__ = ["TOKENIZERS", "FlowTextDataModule"]
+
+TOKENIZERS = ("byte", "char")
+
+
+class FlowTextDataModule(L.LightningDataModule):
+    """Data for the flow LMs: a text corpus or a synthetic task, in batches of token windows.
+
+    ``prepare_data`` tokenizes the three splits of a text corpus into the cache (once; later
+    runs reuse it); ``setup`` opens the memmaps. Tasks need no preparation. Batches are dicts
+    with ``tokens`` (LongTensor ``[B, L]``) and, for tasks, ``answer_mask`` (BoolTensor
+    ``[B, L]``). The tokenizer is saved in checkpoints (:meth:`state_dict`) and checked on load.
+
+    Args:
+        corpus: A registered name (``"stdlib"``: the Python standard library, the default;
+            ``"addition"``, ``"reverse"``, ``"copy"``: synthetic tasks) or the path of a text
+            file or folder.
+        tokenizer: ``"byte"`` (bytes + PAD/BOS/EOS, 259 ids) or ``"char"`` (the characters of
+            the corpus; needs UTF-8 text; not for tasks).
+        seq_len: Tokens per example ``L`` (>= 2).
+        batch_size: Examples per batch ``B``.
+        num_workers: DataLoader worker processes.
+        max_bytes: Cap on the text corpus in bytes, shared among the splits by their fractions
+            (``None``: everything).
+        train_samples_per_epoch: Random training windows (or task examples) per epoch.
+        eval_samples: Validation/test windows (evenly spaced; ``None``: all non-overlapping
+            windows) or task examples (``None``: 512).
+        splits: ``(train, val, test)`` fractions, summing to 1.
+        pattern: Glob pattern for files when ``corpus`` is a folder.
+        corpus_options: Extra corpus/task arguments, e.g. ``{"digits": 5}`` for addition,
+            ``{"include_tests": true}`` for stdlib.
+        seed: Seed of the training windows and task examples.
+        cache_dir: Token cache folder (``None``: ``$FLOWTEXT_CACHE`` or ``~/.cache/flowtext``).
+
+    Raises:
+        ConfigError: Unknown corpus name or tokenizer, or bad sizes.
+        DataError: Missing path, ``seq_len < 2``, or a task that does not fit ``seq_len``.
+    """
+
+    def __init__(
+        self,
+        corpus: str = "stdlib",
+        tokenizer: str = "byte",
+        seq_len: int = 256,
+        batch_size: int = 32,
+        num_workers: int = 0,
+        max_bytes: int | None = None,
+        train_samples_per_epoch: int = 10_000,
+        eval_samples: int | None = None,
+        splits: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        pattern: str = "*",
+        corpus_options: dict[str, Any] | None = None,
+        seed: int = 0,
+        cache_dir: str | None = None,
+    ) -> None:
+        super().__init__()
+        _check_seq_len(seq_len)
+        if tokenizer not in TOKENIZERS:
+            raise ConfigError(f"unknown tokenizer {tokenizer!r}; valid names: "
+                              f"{', '.join(TOKENIZERS)}")
+        for name, value in (("batch_size", batch_size), ("train_samples_per_epoch",
+                                                         train_samples_per_epoch)):
+            if not isinstance(value, int) or value < 1:
+                raise ConfigError(f"{name} must be a positive int, got {value!r}")
+        if not isinstance(num_workers, int) or num_workers < 0:
+            raise ConfigError(f"num_workers must be a non-negative int, got {num_workers!r}")
+        if max_bytes is not None and max_bytes < 1:
+            raise ConfigError(f"max_bytes must be positive or None, got {max_bytes!r}")
+        if eval_samples is not None and eval_samples < 1:
+            raise ConfigError(f"eval_samples must be positive or None, got {eval_samples!r}")
+        self.save_hyperparameters()
+        self.corpus_name = corpus
+        self.tokenizer_name = tokenizer
+        self.seq_len = seq_len
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.max_bytes = max_bytes
+        self.train_samples_per_epoch = train_samples_per_epoch
+        self.eval_samples = eval_samples
+        self.splits = check_fractions(splits)
+        self.seed = seed
+        self.cache_dir = cache_dir
+        self.source: Corpus | Task = resolve_corpus(corpus, fractions=self.splits,
+                                                    pattern=pattern, **(corpus_options or {}))
+        if self.is_task:
+            if tokenizer != "byte":
+                raise ConfigError(f"task {corpus!r} uses the byte tokenizer; set "
+                                  "tokenizer='byte'")
+            need = self.source.min_seq_len()
+            if seq_len < need:
+                raise DataError(f"task {corpus!r} needs seq_len >= {need}, got {seq_len}; "
+                                "raise seq_len or use smaller problems")
+        self._tokenizer: Tokenizer | None = None
+        self.datasets: dict[str, Any] = {}
+
+    @property
+    def is_task(self) -> bool:
+        """Whether the source is a synthetic task (else a text corpus)."""
+        return isinstance(self.source, Task)
+
+    @property
+    def tokenizer(self) -> Tokenizer:
+        """The tokenizer (a ``char`` vocabulary is built from the corpus on first use)."""
+        if self._tokenizer is None:
+            if self.tokenizer_name == "byte":
+                self._tokenizer = ByteTokenizer()
+            else:
+                self._tokenizer = build_char_tokenizer(self.source, self.cache_dir,
+                                                       self.max_bytes)
+        return self._tokenizer
+
+    @property
+    def vocab_size(self) -> int:
+        """Vocabulary size of :attr:`tokenizer` (special tokens included)."""
+        return self.tokenizer.vocab_size
+
+    @property
+    def bytes_per_token(self) -> float:
+        """Mean UTF-8 bytes per token, for bits per byte (1.0 for the byte tokenizer)."""
+        return self.tokenizer.bytes_per_token
+
+    def prepare_data(self) -> None:
+        """Tokenize every split of a text corpus into the cache (no-op when cached or a task)."""
+        if self.is_task:
+            return
+        for split in SPLITS:
+            if self.splits[SPLITS.index(split)] > 0:
+                self._prepare(split)
+
+    def _prepare(self, split: str):  # noqa: ANN202
+        return prepare_tokens(self.source, self.tokenizer, split, self.cache_dir,
+                              self.max_bytes)
+
+    def _dataset(self, split: str) -> TokenWindows | TaskDataset:
+        train = split == "train"
+        if self.splits[SPLITS.index(split)] == 0:
+            raise DataError(f"split {split!r} has fraction 0; change `splits`")
+        if self.is_task:
+            n = self.train_samples_per_epoch if train else (self.eval_samples or 512)
+            return TaskDataset(self.source, self.tokenizer, split, self.seq_len, n, self.seed)
+        n = self.train_samples_per_epoch if train else self.eval_samples
+        return TokenWindows(self._prepare(split), self.seq_len, train, n, self.seed,
+                            self.tokenizer)
+
+    def setup(self, stage: str | None = None) -> None:
+        """Open the datasets a stage needs.
+
+        ``fit``: train and val; ``validate``: val; ``test`` and ``predict``: test; ``None``: all.
+
+        Raises:
+            DataError: A split shorter than one window.
+        """
+        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
+                  "predict": ("test",)}.get(stage or "", SPLITS)
+        for split in wanted:
+            if split not in self.datasets:
+                self.datasets[split] = self._dataset(split)
+
+    def _get(self, split: str) -> TokenWindows | TaskDataset:
+        if split not in self.datasets:
+            self.datasets[split] = self._dataset(split)
+        return self.datasets[split]
+
+    def _loader(self, split: str) -> DataLoader:
+        ds = self._get(split)
+        train = split == "train"
+        return DataLoader(
+            ds,
+            batch_size=self.batch_size,
+            sampler=EpochSampler(len(ds)) if train else None,
+            shuffle=False,
+            drop_last=train and len(ds) >= self.batch_size,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        """Random training windows, ``train_samples_per_epoch`` per epoch."""
+        return self._loader("train")
+
+    def val_dataloader(self) -> DataLoader:
+        """Fixed validation windows (or task examples), in order."""
+        return self._loader("val")
+
+    def test_dataloader(self) -> DataLoader:
+        """Fixed test windows (or task examples), in order."""
+        return self._loader("test")
+
+    def state_dict(self) -> dict[str, Any]:
+        """What a checkpoint stores: the tokenizer state."""
+        return {"tokenizer": self.tokenizer.state_dict()}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Check that a checkpoint's tokenizer is this one.
+
+        Raises:
+            DataError: The checkpoint was trained with another tokenizer.
+        """
+        if "tokenizer" in state_dict:
+            self.tokenizer.check_state(tokenizer_from_state(state_dict["tokenizer"])
+                                       .state_dict())
