@@ -183,12 +183,18 @@ class FlowTextDataModule(L.LightningDataModule):
         return DataLoader(
             ds,
             batch_size=self.batch_size,
-            sampler=EpochSampler(len(ds)) if train else None,
+            sampler=self._train_sampler(len(ds)) if train else None,
             shuffle=False,
             drop_last=train and len(ds) >= self.batch_size,
             num_workers=self.num_workers,
             persistent_workers=self.num_workers > 0,
         )
+
+    def _train_sampler(self, n: int) -> EpochSampler:
+        # one sampler for the module's life, so a re-created loader still moves on per epoch
+        if getattr(self, "_sampler", None) is None or len(self._sampler) != n:
+            self._sampler = EpochSampler(n)
+        return self._sampler
 
     def train_dataloader(self) -> DataLoader:
         """Random training windows, ``train_samples_per_epoch`` per epoch."""
