@@ -435,3 +435,60 @@ def test_public_api_is_exported():
         assert getattr(data, name) is not None
     assert set(data.names()) >= {"stdlib", *TASKS}
     assert os.fspath(data.default_cache_dir())
+
+
+def test_lightning_fit_stores_and_checks_tokenizer(tmp_path):
+    import lightning as L
+
+    class Tiny(L.LightningModule):
+        def __init__(self, vocab):
+            super().__init__()
+            self.emb = torch.nn.Embedding(vocab, 8)
+            self.out = torch.nn.Linear(8, vocab)
+            self.seen = []
+
+        def _loss(self, batch):
+            toks = batch["tokens"]
+            return torch.nn.functional.cross_entropy(self.out(self.emb(toks)).transpose(1, 2), toks)
+
+        def training_step(self, batch, _):
+            self.seen.append(batch["tokens"].clone())
+            return self._loss(batch)
+
+        def validation_step(self, batch, _):
+            self.log("val", self._loss(batch))
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.1)
+
+    kw = dict(seq_len=16, batch_size=4, max_bytes=SMALL, cache_dir=str(tmp_path / "cache"),
+              train_samples_per_epoch=8, eval_samples=4)
+    dm = FlowTextDataModule(**kw)
+    model = Tiny(dm.vocab_size)
+    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer.fit(model, datamodule=dm)
+    assert len(model.seen) == 4 and not torch.equal(model.seen[0], model.seen[2])
+    ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
+    assert torch.load(ckpt, weights_only=False)["FlowTextDataModule"]["tokenizer"]["kind"] == "byte"
+    char = FlowTextDataModule(**kw, tokenizer="char")
+    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
+                        enable_model_summary=False, default_root_dir=str(tmp_path / "again"))
+    with pytest.raises(DataError, match="mismatch"):
+        trainer.fit(Tiny(dm.vocab_size), datamodule=char, ckpt_path=str(ckpt))
+
+
+def test_docs_page_code_runs(tmp_path, monkeypatch):
+    import re
+    from pathlib import Path
+
+    page = Path(__file__).resolve().parents[1] / "docs" / "data.md"
+    blocks = re.findall(r"^```python\n(.*?)^```", page.read_text(), re.S | re.M)
+    assert len(blocks) >= 2
+    monkeypatch.setenv("FLOWTEXT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.chdir(tmp_path)
+    namespace: dict = {"__name__": "docs_data"}
+    for i, code in enumerate(blocks):
+        exec(compile(code, f"data.md[block {i}]", "exec"), namespace)
+    assert namespace["dm"].vocab_size == 259
+    assert list((tmp_path / "cache" / "tokens").glob("*.bin"))
