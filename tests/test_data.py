@@ -492,3 +492,13 @@ def test_docs_page_code_runs(tmp_path, monkeypatch):
         exec(compile(code, f"data.md[block {i}]", "exec"), namespace)
     assert namespace["dm"].vocab_size == 259
     assert list((tmp_path / "cache" / "tokens").glob("*.bin"))
+
+
+@pytest.mark.parametrize("module", ["_tokenizers", "_tasks", "__init__"])
+def test_docstring_examples(module):
+    import doctest
+    import importlib
+
+    mod = importlib.import_module("flowtext.data" + ("" if module == "__init__" else f".{module}"))
+    result = doctest.testmod(mod)
+    assert result.failed == 0 and result.attempted > 0

@@ -207,7 +207,7 @@ class CharTokenizer(Tokenizer):
     Example:
         >>> tok = CharTokenizer.from_texts(["abc cab"])
         >>> tok.vocab_size, tok.encode("cab")
-        (7, [5, 4, 3])
+        (7, [6, 4, 5])
     """
 
     kind = "char"
