@@ -220,6 +220,21 @@ class FlowLM(L.LightningModule):
 
     test_step = validation_step
 
+    def generate(self, prompt=None, **kwargs):
+        """Decode with this model's network and schedule; see :func:`flowtext.decoding.generate`.
+
+        Args:
+            prompt: Token ids (list of lists, list, or ``[B, P]`` tensor) or ``None``.
+            **kwargs: ``length``, ``policy``, ``steps``, ``solver``, ``temperature``, ... as in
+                :func:`flowtext.decoding.generate`.
+
+        Returns:
+            A :class:`flowtext.decoding.GenerationResult`.
+        """
+        from flowtext.decoding import generate
+
+        return generate(self.net, self.schedule, prompt=prompt, **kwargs)
+
     def configure_optimizers(self):  # noqa: D102
         opt = self.optimizer_factory(self.parameters())
         warm, total = self.warmup_steps, self.max_lr_steps

@@ -225,3 +225,7 @@ class Diagonal(StaticPolicy):
         p = (torch.arange(length, dtype=s.dtype) + 0.5) / length
         front = s * (1 + self.width) - self.width
         return ((p[None, :] - front[:, None]) / self.width).clamp(0.0, 1.0)
+
+
+# the adaptive (Evo) policy lives with the decoder; importing it registers "adaptive"
+import flowtext.decoding.adaptive  # noqa: E402, F401
