@@ -59,6 +59,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "sample":
+        from flowtext.decoding.cli import sample_main
+
+        return sample_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from flowtext.training import cli_main
 

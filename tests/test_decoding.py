@@ -428,3 +428,62 @@ def test_flowlm_generate_delegates():
     a = lm.generate(prompt=[[1, 2]], length=5, greedy=True)
     b = generate(NET, lm.schedule, prompt=[[1, 2]], length=5, greedy=True)
     assert a.tokens == b.tokens and math.isfinite(a.stats.tokens_per_second)
+
+
+# ------------------------------------------------------------------------------------- CLI
+def _save_ckpt(path, with_tokenizer):
+    from flowtext.data import CharTokenizer
+    from flowtext.lm import FlowLM
+
+    lm = FlowLM(net=FlowTransformerConfig(**TINY))
+    ckpt = {"state_dict": lm.state_dict(), "hyper_parameters": dict(lm.hparams)}
+    if with_tokenizer:
+        ckpt["flowtext_tokenizer"] = CharTokenizer("abcdefghij").state_dict()
+    torch.save(ckpt, path)
+    return path
+
+
+def test_cli_sample(tmp_path, capsys):
+    from flowtext.cli import main
+
+    ckpt = _save_ckpt(tmp_path / "m.ckpt", with_tokenizer=True)
+    png = tmp_path / "h.png"
+    argv = [
+        "sample",
+        "--ckpt",
+        str(ckpt),
+        "--prompt",
+        "abc",
+        "--policy",
+        "block",
+        "--policy-arg",
+        "size=4",
+        "--steps",
+        "8",
+        "--length",
+        "8",
+        "--batch",
+        "2",
+        "--top-p",
+        "0.9",
+        "--heatmap",
+        str(png),
+        "--no-eos",
+    ]
+    assert main(argv) == 0
+    out = capsys.readouterr().out
+    assert "tokens per evaluation" in out and "sample 1" in out
+    assert png.stat().st_size > 1000
+
+
+def test_cli_errors(tmp_path, capsys):
+    from flowtext.cli import main
+
+    ckpt = _save_ckpt(tmp_path / "m.ckpt", with_tokenizer=False)
+    assert main(["sample", "--ckpt", str(ckpt), "--prompt", "a"]) == 2
+    assert "vocab_size=13" in capsys.readouterr().err
+    good = _save_ckpt(tmp_path / "g.ckpt", with_tokenizer=True)
+    assert main(["sample", "--ckpt", str(good), "--policy", "nope"]) == 2
+    assert "valid names" in capsys.readouterr().err
+    assert main(["sample", "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
+    assert main(["sample", "--ckpt", str(good), "--temperature", "-1"]) == 2
