@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Process exit code.
     """
+    explicit = argv is not None
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
@@ -66,7 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] in LIGHTNING_COMMANDS:
         from flowtext.training import cli_main
 
-        cli_main(argv)
+        cli_main(argv if explicit else None)
         return 0
     print(
         "usage: flowtext {demo,fit,validate,test} ...\n"

@@ -133,6 +133,30 @@ class FlowLM(L.LightningModule):
         if fraction > 0 and (not widths or any(w <= 0 for w in widths)):
             raise ConfigError(f"diagonal_widths must be positive numbers, got {widths}")
 
+    # ------------------------------------------------------------------------------ lightning
+    def setup(self, stage: str) -> None:
+        """Check the data against the model before any step runs."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.net.config.max_len:
+            raise ConfigError(
+                f"data.seq_len={seq_len} exceeds the model context "
+                f"net.max_len={self.net.config.max_len}; lower seq_len or raise max_len"
+            )
+        vocab = getattr(dm, "vocab_size", None)
+        if vocab is not None and vocab != self.net.config.vocab_size:
+            raise ConfigError(
+                f"the tokenizer has {vocab} ids but the model's vocab_size is "
+                f"{self.net.config.vocab_size}; set net.vocab_size (the CLI links it)"
+            )
+
+    def on_save_checkpoint(self, checkpoint: dict) -> None:
+        """Store the tokenizer state so a checkpoint can decode text on its own."""
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        tok = getattr(dm, "tokenizer", None)
+        if tok is not None:
+            checkpoint["flowtext_tokenizer"] = tok.state_dict()
+
     # ----------------------------------------------------------------------------------- losses
     def _block_loss(self, tokens: torch.Tensor, block_size: int, steps: int) -> LossTerms:
         size = tokens.shape[1] if block_size == 0 else block_size

@@ -4,9 +4,9 @@ The model is any :class:`~flowtext.lm.FlowLM` subclass given by ``class_path`` (
 ``flowtext.AutoregressiveLM``, ``flowtext.DiffusionLM``); the data is
 :class:`~flowtext.data.FlowTextDataModule`. The tokenizer's vocabulary size and bytes per token
 are linked into the model, so a config never repeats them. Defaults: TensorBoard logs under
-``runs/``, a rich progress bar, a ``last.ckpt`` checkpoint (written atomically by Lightning) plus
-the best one by validation bits per byte under AR. ``--print_config`` prints the full config;
-``--ckpt_path last`` resumes an interrupted run.
+``default_root_dir``, a rich progress bar, a ``last.ckpt`` checkpoint plus the best one by
+validation bits per byte under AR. ``--print_config`` prints the full config; ``--ckpt_path
+last`` resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -14,6 +14,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Any
 
+from jsonargparse import set_parsing_settings
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
 from flowtext.data import FlowTextDataModule
@@ -22,36 +24,25 @@ from flowtext.lm import FlowLM
 __all__ = ["FlowCLI", "cli_main", "trainer_defaults"]
 
 
-def trainer_defaults(root: str = "runs") -> dict[str, Any]:
+def trainer_defaults() -> dict[str, Any]:
     """Trainer defaults of the CLI (each can be overridden in YAML or on the command line).
 
-    Args:
-        root: Folder for logs and checkpoints.
+    Lightning's own default logger is TensorBoard (under ``default_root_dir``).
 
     Returns:
         Keyword arguments for :class:`lightning.pytorch.Trainer`.
     """
     return {
-        "logger": {
-            "class_path": "lightning.pytorch.loggers.TensorBoardLogger",
-            "init_args": {"save_dir": root, "name": "flowtext"},
-        },
         "callbacks": [
-            {"class_path": "lightning.pytorch.callbacks.RichProgressBar"},
-            {
-                "class_path": "lightning.pytorch.callbacks.LearningRateMonitor",
-                "init_args": {"logging_interval": "step"},
-            },
-            {
-                "class_path": "lightning.pytorch.callbacks.ModelCheckpoint",
-                "init_args": {
-                    "save_last": True,
-                    "monitor": "val/bpb_ar",
-                    "mode": "min",
-                    "save_top_k": 1,
-                    "filename": "best-{step}",
-                },
-            },
+            RichProgressBar(),
+            LearningRateMonitor(logging_interval="step"),
+            ModelCheckpoint(
+                save_last=True,
+                monitor="val/bpb_ar",
+                mode="min",
+                save_top_k=1,
+                filename="best-{step}",
+            ),
         ],
         "log_every_n_steps": 10,
     }
@@ -79,6 +70,10 @@ def cli_main(argv: Sequence[str] | None = None, **kwargs: Any) -> FlowCLI:
     Returns:
         The CLI object (its ``model``, ``datamodule`` and ``trainer``).
     """
+    try:  # field docstrings of the config dataclasses become --help text
+        set_parsing_settings(docstring_parse_attribute_docstrings=True)
+    except (TypeError, ValueError):  # older jsonargparse: help falls back to the class docstring
+        pass
     return FlowCLI(
         FlowLM,
         FlowTextDataModule,

@@ -1,0 +1,70 @@
+"""The training CLI end to end on a tiny budget: fit, logs, checkpoints, resume, errors."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from flowtext.data import tokenizer_from_state
+from flowtext.errors import ConfigError
+from flowtext.training import cli_main
+
+ROOT = Path(__file__).resolve().parents[1]
+
+TINY = [
+    "--model.init_args.net.max_len=32",
+    "--model.init_args.net.d_model=32",
+    "--model.init_args.net.n_layers=1",
+    "--model.init_args.net.n_heads=2",
+    "--model.init_args.net.d_embed=8",
+    "--model.init_args.net.cond_dim=16",
+    "--model.init_args.net.cond_rank=4",
+    "--model.init_args.val_steps_per_block=4",
+    "--model.init_args.val_block_size=4",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--data.max_bytes=200000",
+    "--data.eval_samples=8",
+    "--trainer.val_check_interval=2",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+]
+
+
+def fit(config, tmp_path, *extra):
+    return cli_main(
+        [
+            "fit",
+            "--config",
+            str(ROOT / "experiments" / "configs" / config),
+            f"--trainer.default_root_dir={tmp_path}",
+            *TINY,
+            *extra,
+        ]
+    )
+
+
+@pytest.mark.parametrize("config", ["evo-tiny.yaml", "ar-tiny.yaml", "diffusion-tiny.yaml"])
+def test_fit_writes_logs_checkpoints_and_validation_bpb(config, tmp_path):
+    cli = fit(config, tmp_path, "--trainer.max_steps=4")
+    metrics = cli.trainer.callback_metrics
+    for name in ("val/bpb_ar", "val/bpb_block4", "val/bpb_sync"):
+        assert name in metrics and torch.isfinite(metrics[name]) and metrics[name] > 0
+    ckpts = list(tmp_path.rglob("last.ckpt"))
+    assert ckpts, "no last.ckpt"
+    assert list(tmp_path.rglob("events.out.tfevents*")), "no TensorBoard log"
+    state = torch.load(ckpts[0], map_location="cpu", weights_only=False)
+    tok = tokenizer_from_state(state["flowtext_tokenizer"])
+    assert tok.vocab_size == cli.model.net.config.vocab_size
+
+
+def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
+    fit("ar-tiny.yaml", tmp_path, "--trainer.max_steps=3")
+    last = next(tmp_path.rglob("last.ckpt"))
+    cli = fit("ar-tiny.yaml", tmp_path, "--trainer.max_steps=5", f"--ckpt_path={last}")
+    assert cli.trainer.global_step == 5
+
+
+def test_sequence_longer_than_context_is_a_clear_error(tmp_path):
+    with pytest.raises(ConfigError, match="max_len"):
+        fit("ar-tiny.yaml", tmp_path, "--trainer.max_steps=1", "--data.seq_len=64")
