@@ -332,7 +332,8 @@ def two_stream_loss(
     The clean stream holds every token committed (order = block id); the noisy stream holds
     block ``b`` at the state before its ``j_b``-th transition, ``j_b`` uniform in
     ``1..steps_per_block`` (stratified). With ``steps_per_block = 1`` and ``block_size = 1`` the
-    result is exactly teacher-forced AR cross-entropy; with one block it is diffusion training.
+    result is exactly teacher-forced AR cross-entropy; with one block it is diffusion training,
+    and the clean stream (invisible to the noisy one) is skipped.
 
     Args:
         net: The flow network.
@@ -366,15 +367,19 @@ def two_stream_loss(
     t_prev, t_next = tau[j_tok - 1], tau[j_tok]
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(dev)
     z_noisy = _state(net, x_emb, t_prev, eps, schedule)
-    t2, o2 = two_stream_layout(block_ids, t_prev)
-    pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
-    out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
-    logits = out.logits[:, length:]
+    if n_blocks == 1:  # no clean key is visible to the noisy stream: one stream suffices
+        out = net(z_noisy, t_prev, torch.full_like(block_ids, LIVE), None)
+        logits, difficulty = out.logits, out.difficulty
+    else:
+        t2, o2 = two_stream_layout(block_ids, t_prev)
+        pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
+        out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
+        logits, difficulty = out.logits[:, length:], out.difficulty[:, length:]
     nats, ce = _terms_at_state(logits, net.x0_hat(logits), tokens, x_emb, t_prev, t_next, schedule)
     return LossTerms(
         nats=m * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
-        difficulty=out.difficulty[:, length:],
+        difficulty=difficulty,
         scored=torch.ones_like(tokens, dtype=torch.bool),
     )
 

@@ -173,3 +173,37 @@ def test_with_t_min_keeps_ar_columns_and_moves_the_last_positive_time():
         and bool((g[0] == 1).all())
     )
     assert bool((g[1:] <= g[:-1]).all())
+
+
+def test_one_block_skips_the_clean_stream_without_changing_the_loss():
+    """With one block no clean key is visible; the single-stream shortcut must equal 2L."""
+    from flowtext.attention import two_stream_layout
+
+    net = tiny_net(5)
+    sched = schedules.get("cosine")
+    tokens = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        short = two_stream_loss(
+            net,
+            tokens,
+            sched,
+            block_size=7,
+            steps_per_block=5,
+            generator=torch.Generator().manual_seed(3),
+        )
+        # the same draw through the full 2L layout
+        g = torch.Generator().manual_seed(3)
+        from flowtext.objectives import stratified_uniform
+
+        j = (stratified_uniform(2, generator=g) * 5).long().clamp_max(4) + 1
+        tau = block_grid(1, 1, 5)[:, 0]
+        t_prev = tau[j - 1][:, None].expand(2, 7).double()
+        eps = torch.randn(2, 7, 8, generator=g, dtype=torch.float64)
+        x = net.embed(tokens)
+        z = sched.alpha(t_prev)[..., None] * x + sched.sigma(t_prev)[..., None] * eps
+        t2, o2 = two_stream_layout(torch.zeros_like(tokens), t_prev)
+        full = net(torch.cat([x, z], 1), t2, o2, torch.arange(7).repeat(2)[None].expand(2, -1))
+        ce = F.cross_entropy(full.logits[:, 7:].transpose(1, 2), tokens, reduction="none")
+    recon = (j == 5)[:, None].expand(2, 7)
+    torch.testing.assert_close(short.ce, ce, rtol=1e-10, atol=1e-10)
+    assert bool((short.nats[recon] == 5 * ce[recon]).all()) or not recon.any()
