@@ -37,7 +37,7 @@ class DecodeStats:
         committed: Tokens committed by the decoder (fixed and prompt tokens excluded).
         tokens: Tokens returned (after EOS truncation; fixed tokens excluded).
         wall_time: Seconds.
-        tokens_per_eval: ``committed / nfe``.
+        tokens_per_eval: Tokens committed per evaluation and row, ``committed / (nfe B)``.
         tokens_per_second: ``tokens / wall_time``.
     """
 
@@ -700,7 +700,7 @@ def _decode(
         committed=n_committed,
         tokens=n_tokens,
         wall_time=wall,
-        tokens_per_eval=n_committed / max(1, counters["nfe"]),
+        tokens_per_eval=n_committed / max(1, counters["nfe"]) / B,
         tokens_per_second=n_tokens / wall if wall > 0 else float("inf"),
     )
     text = None

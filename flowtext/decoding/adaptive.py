@@ -171,8 +171,9 @@ class Adaptive(ProgressionPolicy):
         conf = torch.where(awake, confidence.to(t.dtype), 0.0)
         advanced = t - self.rate * conf
         want = awake & ((conf >= self.threshold) | (advanced <= self.t_min))
-        # priority: confidence first, then maturity, ties to the left (stable sort)
-        score = torch.where(awake, conf + 1e-3 * (1 - t), -1.0)
+        # priority: confidence first, then maturity, ties to the left (stable sort). Rounded to
+        # 1e-6 so that round-off (cached vs uncached, batched vs single) cannot reorder near-ties.
+        score = torch.where(awake, torch.round((conf + 1e-3 * (1 - t)) * 1e6), -1.0)
         order = torch.sort(score, dim=1, descending=True, stable=True).indices
         rank = torch.empty_like(order).scatter_(
             1, order, torch.arange(t.shape[1], device=t.device).expand_as(order)
