@@ -20,7 +20,7 @@ $(VENV)/.ready: pyproject.toml
 	touch $@
 
 run: $(VENV)/.ready
-	$(BIN)/flowtext demo $(RUN_ARGS)
+	$(BIN)/flowtext run $(RUN_ARGS)
 
 test: $(VENV)/.ready
 	$(BIN)/ruff check flowtext tests experiments

@@ -1,5 +1,6 @@
 """The ``flowtext`` command line.
 
+* ``flowtext run``: the main job (toy demo, train Evo on the default corpus, decode, figures).
 * ``flowtext demo``: the component-library demo on the exact Gaussian toy (figures + table).
 * ``flowtext fit|validate|test --config experiments/configs/NAME.yaml``: LightningCLI training.
 """
@@ -60,6 +61,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
+    if argv and argv[0] == "run":
+        from flowtext.run import run_main
+
+        return run_main(argv[1:])
     if argv and argv[0] == "sample":
         from flowtext.decoding.cli import sample_main
 
@@ -70,7 +75,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         cli_main(argv if explicit else None)
         return 0
     print(
-        "usage: flowtext {demo,fit,validate,test} ...\n"
+        "usage: flowtext {run,demo,fit,validate,test,sample} ...\n"
+        "  run        the main job: toy demo, train evo-tiny, decode under every policy\n"
         "  demo       Gaussian-toy demo of schedules x policies x solvers\n"
         "  fit        train a model: flowtext fit --config experiments/configs/evo-tiny.yaml",
         file=sys.stderr,

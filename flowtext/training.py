@@ -4,9 +4,9 @@ The model is any :class:`~flowtext.lm.FlowLM` subclass given by ``class_path`` (
 ``flowtext.AutoregressiveLM``, ``flowtext.DiffusionLM``); the data is
 :class:`~flowtext.data.FlowTextDataModule`. The tokenizer's vocabulary size and bytes per token
 are linked into the model, so a config never repeats them. Defaults: TensorBoard logs under
-``default_root_dir``, a rich progress bar, a ``last.ckpt`` checkpoint plus the best one by
-validation bits per byte under AR. ``--print_config`` prints the full config; ``--ckpt_path
-last`` resumes an interrupted run.
+``default_root_dir``, a rich progress bar, a sample printed at every validation, a ``last.ckpt``
+checkpoint plus the best one by validation bits per byte under AR. ``--print_config`` prints
+the full config; ``--ckpt_path last`` resumes an interrupted run.
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from jsonargparse import set_parsing_settings
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint, RichProgressBar
 from lightning.pytorch.cli import LightningCLI
 
+from flowtext.callbacks import SampleCallback
 from flowtext.data import FlowTextDataModule
 from flowtext.lm import FlowLM
 
@@ -35,6 +36,7 @@ def trainer_defaults() -> dict[str, Any]:
     return {
         "callbacks": [
             RichProgressBar(),
+            SampleCallback(),
             LearningRateMonitor(logging_interval="step"),
             ModelCheckpoint(
                 save_last=True,

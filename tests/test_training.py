@@ -68,3 +68,20 @@ def test_resume_from_last_checkpoint_continues_the_step_count(tmp_path):
 def test_sequence_longer_than_context_is_a_clear_error(tmp_path):
     with pytest.raises(ConfigError, match="max_len"):
         fit("ar-tiny.yaml", tmp_path, "--trainer.max_steps=1", "--data.seq_len=64")
+
+
+def test_main_job_runs_end_to_end_on_a_tiny_budget(tmp_path):
+    from flowtext.run import run_main
+
+    code = run_main(["--out", str(tmp_path), "--trainer.max_steps=2", *TINY])
+    assert code == 0
+    for name in (
+        "summary.md",
+        "toy/time_grids.png",
+        "toy/convergence.png",
+        "decode/policies.png",
+        "decode/maturity_adaptive.png",
+    ):
+        assert (tmp_path / name).is_file(), name
+    summary = (tmp_path / "summary.md").read_text()
+    assert "| ar |" in summary and "| adaptive |" in summary
