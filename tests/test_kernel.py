@@ -15,7 +15,7 @@ import textwrap
 
 import pytest
 import torch
-from hypothesis import given, settings
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 from torch.utils._python_dispatch import TorchDispatchMode
 
@@ -35,6 +35,7 @@ from flowtext.errors import ConfigError, ShapeError, TimeRangeError  # noqa: E40
 _NAME = "flowtext.kernels.visibility_attention"
 if _NAME in sys.modules and not ON_GPU and not sys.modules[_NAME]._INTERPRETED:
     importlib.reload(sys.modules[_NAME])
+    importlib.reload(sys.modules["flowtext.kernels"])
 K = importlib.import_module(_NAME)
 assert ON_GPU or K._INTERPRETED
 
@@ -82,7 +83,12 @@ def qkv(gen, b, h, lq, lk, d, dtype):
 
 
 def check_against_reference(q, k, v, t, o, lq, tiles=True):
-    """Output and q/k/v gradients: |kernel - ref32| <= 2 |torch_same_dtype - ref32| + atol."""
+    """Output and q/k/v gradients: |kernel - ref32| <= 2 |torch_same_dtype - ref32| + atol.
+
+    Maxima over all elements; ``atol`` = a per-dtype floor plus one unit in the last place at the
+    largest reference magnitude (both results are rounded to the dtype, so they may differ by one
+    rounding step where torch happens to round the same way as the reference).
+    """
     t, o = t.to(DEVICE), o.to(DEVICE)
     t_q, o_q = t[:, -lq:], o[:, -lq:]
     gen = torch.Generator().manual_seed(1)
@@ -95,10 +101,10 @@ def check_against_reference(q, k, v, t, o, lq, tiles=True):
     ):
         out = fn()
         results[name] = (out, *torch.autograd.grad(out, (q, k, v), g))
-    atol = ATOL[q.dtype]
     worst = {}
     for i, what in enumerate(("out", "dq", "dk", "dv")):
         ref = results["ref32"][i].float()
+        atol = ATOL[q.dtype] + torch.finfo(q.dtype).eps * ref.abs().max().item()
         err = (results["kernel"][i].float() - ref).abs().max().item()
         base = (results["same"][i].float() - ref).abs().max().item()
         assert results["kernel"][i].dtype == q.dtype
@@ -147,6 +153,8 @@ def test_t9_single_stream_matches_reference(
     dtype=st.sampled_from(DTYPES),
     tiles=st.sampled_from(TILES),
 )
+# bf16 results one rounding step apart from the reference where torch's were not (see atol).
+@example(seed=186, b=2, length=5, block=1, d=32, dtype=torch.bfloat16, tiles=TILES[0])
 def test_t9_two_stream_matches_reference(seed, b, length, block, d, dtype, tiles):
     gen = torch.Generator().manual_seed(seed)
     t, o = two_stream(gen, b, length, min(block, length))
@@ -416,6 +424,34 @@ def test_cpu_without_interpreter_raises_clear_error():
     )
     assert proc.returncode == 0, proc.stderr
     assert 'backend="sdpa"' in proc.stdout and "TRITON_INTERPRET=1" in proc.stdout
+
+
+@pytest.mark.skipif(ON_GPU, reason="about the CPU interpreter")
+def test_interpreter_works_when_triton_was_imported_first():
+    """Triton imported before TRITON_INTERPRET is set (as another test may do) still works."""
+    code = textwrap.dedent(
+        """
+        import os
+        import torch
+        import triton  # noqa: F401  (before the variable is set)
+        os.environ["TRITON_INTERPRET"] = "1"
+        from flowtext.attention import sdpa_attention
+        from flowtext.kernels import visibility_attention
+        torch.manual_seed(0)
+        q, k, v = (torch.randn(1, 1, 20, 32) for _ in range(3))
+        t = torch.rand(1, 20); t[:, :8] = 0.0
+        o = torch.arange(20)[None]
+        out = visibility_attention(q, k, v, t, o, t, o)
+        err = (out - sdpa_attention(q, k, v, t, o, t, o)).abs().max().item()
+        print("ERR", err)
+        """
+    )
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    proc = subprocess.run(
+        [sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120
+    )
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert float(proc.stdout.split("ERR")[1]) < 1e-5
 
 
 # ---------------------------------------------------------------------------------------------

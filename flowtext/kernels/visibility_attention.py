@@ -57,6 +57,46 @@ _MAX_D = 128
 
 
 @triton.jit
+def _max_op(a, b):
+    return tl.maximum(a, b)
+
+
+@triton.jit
+def _min_op(a, b):
+    return tl.minimum(a, b)
+
+
+@triton.jit
+def _add_op(a, b):
+    return a + b
+
+
+# Reductions call ``tl.reduce`` with the combine functions of Triton's standard library (what
+# ``tl.max`` / ``tl.min`` / ``tl.sum`` do) instead of calling those ``@jit`` wrappers: they are
+# decorated when Triton is first imported, so if Triton was imported before ``TRITON_INTERPRET=1``
+# was set (and this module after), the interpreter cannot call them. The interpreter recognises
+# these combine functions by identity and reduces with numpy; our own are the fallback.
+_MAX_COMBINE = getattr(tl.standard, "_elementwise_max", _max_op)
+_MIN_COMBINE = getattr(tl.standard, "_elementwise_min", _min_op)
+_SUM_COMBINE = getattr(tl.standard, "_sum_combine", _add_op)
+
+
+@triton.jit
+def _reduce_max(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MAX_COMBINE)
+
+
+@triton.jit
+def _reduce_min(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _MIN_COMBINE)
+
+
+@triton.jit
+def _reduce_sum(x, axis: tl.constexpr):
+    return tl.reduce(x, axis, _SUM_COMBINE)
+
+
+@triton.jit
 def _visible(tq, oq, iq, q_ok, tk, ok, ik, k_ok):
     """Visibility of a ``[M, N]`` tile from query vectors ``[M]`` and key vectors ``[N]``."""
     q_live = tq[:, None] > 0.0
@@ -155,8 +195,8 @@ def _k_block_runs(
             qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
             BLOCK_M, BLOCK_N,
         ) & (blk < nb)  # fmt: skip
-        lo1 = tl.minimum(lo1, tl.min(tl.where(keep, blk, nb), 0))
-        hi2 = tl.maximum(hi2, tl.max(tl.where(keep, blk + 1, 0), 0))
+        lo1 = tl.minimum(lo1, _reduce_min(tl.where(keep, blk, nb), 0))
+        hi2 = tl.maximum(hi2, _reduce_max(tl.where(keep, blk + 1, 0), 0))
     hi1 = hi2  # one run unless a gap is found below
     lo2 = nb
     if hi2 - lo1 > 1:  # a gap is possible: find the end of the first run and the next kept block
@@ -167,7 +207,8 @@ def _k_block_runs(
                 qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
                 BLOCK_M, BLOCK_N,
             )  # fmt: skip
-            hi1 = tl.minimum(hi1, tl.min(tl.where((~keep) & (blk > lo1) & (blk < nb), blk, nb), 0))
+            gap = (~keep) & (blk > lo1) & (blk < nb)
+            hi1 = tl.minimum(hi1, _reduce_min(tl.where(gap, blk, nb), 0))
         for c in range(0, nb, CHUNK):
             blk = c + tl.arange(0, CHUNK)
             kc_min, kl_min, kl_max = _k_summary(KSUM, b, NGK, blk * BLOCK_N, BLOCK_N, G)
@@ -175,7 +216,8 @@ def _k_block_runs(
                 qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, start_m, blk * BLOCK_N, LQ, LK,
                 BLOCK_M, BLOCK_N,
             )  # fmt: skip
-            lo2 = tl.minimum(lo2, tl.min(tl.where(keep & (blk > hi1) & (blk < nb), blk, nb), 0))
+            later = keep & (blk > hi1) & (blk < nb)
+            lo2 = tl.minimum(lo2, _reduce_min(tl.where(later, blk, nb), 0))
     return lo1, hi1, lo2, hi2
 
 
@@ -195,8 +237,8 @@ def _q_block_runs(
             qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
             BLOCK_M, BLOCK_N,
         ) & (blk < nb)  # fmt: skip
-        lo1 = tl.minimum(lo1, tl.min(tl.where(keep, blk, nb), 0))
-        hi2 = tl.maximum(hi2, tl.max(tl.where(keep, blk + 1, 0), 0))
+        lo1 = tl.minimum(lo1, _reduce_min(tl.where(keep, blk, nb), 0))
+        hi2 = tl.maximum(hi2, _reduce_max(tl.where(keep, blk + 1, 0), 0))
     hi1 = hi2  # one run unless a gap is found below
     lo2 = nb
     if hi2 - lo1 > 1:
@@ -207,7 +249,8 @@ def _q_block_runs(
                 qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
                 BLOCK_M, BLOCK_N,
             )  # fmt: skip
-            hi1 = tl.minimum(hi1, tl.min(tl.where((~keep) & (blk > lo1) & (blk < nb), blk, nb), 0))
+            gap = (~keep) & (blk > lo1) & (blk < nb)
+            hi1 = tl.minimum(hi1, _reduce_min(tl.where(gap, blk, nb), 0))
         for c in range(0, nb, CHUNK):
             blk = c + tl.arange(0, CHUNK)
             qc_max, ql_min, ql_max = _q_summary(QSUM, b, NGQ, blk * BLOCK_M, BLOCK_M, G)
@@ -215,7 +258,8 @@ def _q_block_runs(
                 qc_max, ql_min, ql_max, kc_min, kl_min, kl_max, blk * BLOCK_M, start_n, LQ, LK,
                 BLOCK_M, BLOCK_N,
             )  # fmt: skip
-            lo2 = tl.minimum(lo2, tl.min(tl.where(keep & (blk > hi1) & (blk < nb), blk, nb), 0))
+            later = keep & (blk > hi1) & (blk < nb)
+            lo2 = tl.minimum(lo2, _reduce_min(tl.where(later, blk, nb), 0))
     return lo1, hi1, lo2, hi2
 
 
@@ -245,11 +289,11 @@ def _fwd_inner(
         vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
         s = _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2
         s = tl.where(vis, s, float("-inf"))
-        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_new = tl.maximum(m_i, _reduce_max(s, 1))
         m_safe = tl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = tl.exp2(m_i - m_safe)
         p = tl.exp2(s - m_safe[:, None])
-        l_i = l_i * alpha + tl.sum(p, 1)
+        l_i = l_i * alpha + _reduce_sum(p, 1)
         acc = acc * alpha[:, None] + _dot(p.to(v.dtype), v, PRECISION, UPCAST)
         m_i = m_new
     return acc, l_i, m_i, n_tiles
@@ -291,9 +335,9 @@ def _fwd_kernel(
     )
 
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
-    n_tiles = tl.zeros([], dtype=tl.int32)
+    l_i = tl.full([BLOCK_M], 0, tl.float32)
+    acc = tl.full([BLOCK_M, BLOCK_D], 0, tl.float32)
+    n_tiles = tl.full([], 0, tl.int32)
     acc, l_i, m_i, n_tiles = _fwd_inner(
         acc, l_i, m_i, n_tiles, q, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
         s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
@@ -341,7 +385,7 @@ def _bwd_delta_kernel(
         mask=mask,
         other=0.0,
     )
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
+    delta = _reduce_sum(o.to(tl.float32) * do.to(tl.float32), 1)
     tl.store(DELTA + pid_bh.to(tl.int64) * LQ + offs_m, delta, mask=offs_m < LQ)
 
 
@@ -419,8 +463,8 @@ def _bwd_dkdv_kernel(
         QSUM, b, NGQ, kc_min, kl_min, kl_max, start_n, LQ, LK, BLOCK_M, BLOCK_N, G, CHUNK
     )
 
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    dk = tl.full([BLOCK_N, BLOCK_D], 0, tl.float32)
+    dv = tl.full([BLOCK_N, BLOCK_D], 0, tl.float32)
     dk, dv = _dkdv_inner(
         dk, dv, k, v, tk, ok, offs_n, k_ok, Q, DO, LSE, DELTA, TQ, OQ, b, h, bh,
         s_qb, s_qh, s_qm, s_qd, s_db, s_dh, s_dm, s_dd, LQ, LK, offs_d, d_ok, qk_scale_log2,
@@ -509,7 +553,7 @@ def _bwd_dq_kernel(
         KSUM, b, NGK, qc_max, ql_min, ql_max, start_m, LQ, LK, BLOCK_M, BLOCK_N, G, CHUNK
     )
 
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    dq = tl.full([BLOCK_M, BLOCK_D], 0, tl.float32)
     dq = _dq_inner(
         dq, q, do, lse, delta, tq, oq, iq, q_ok, K, V, TK, OK, b, h,
         s_kb, s_kh, s_kn, s_kd, s_vb, s_vh, s_vn, s_vd, LK, offs_d, d_ok, qk_scale_log2,
