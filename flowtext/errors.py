@@ -1,7 +1,8 @@
 """The exceptions flowtext raises for bad input.
 
 Every error a user can meet derives from :class:`FlowtextError`, and from the matching builtin
-(``ValueError``, ``FileNotFoundError``) so that generic handlers keep working.
+(``ValueError``, ``FloatingPointError``) so that generic handlers keep working. ``docs/errors.md``
+lists them with what to do.
 """
 
 from __future__ import annotations
@@ -25,3 +26,7 @@ class TimeRangeError(FlowtextError, ValueError):
 
 class DataError(FlowtextError, ValueError):
     """An empty, unreadable or unsuitable corpus."""
+
+
+class NonFiniteError(FlowtextError, FloatingPointError):
+    """A NaN or infinite training loss or gradient; the message names the step and the batch."""

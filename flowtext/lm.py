@@ -17,8 +17,10 @@ Validation scores one checkpoint in every regime: the ELBO in bits per byte unde
 
 from __future__ import annotations
 
+import contextlib
+import hashlib
 import math
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 
 import lightning as L
@@ -26,7 +28,7 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 
 from flowtext import schedules as _schedules
-from flowtext.errors import ConfigError
+from flowtext.errors import ConfigError, NonFiniteError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
 
@@ -59,7 +61,10 @@ class FlowLM(L.LightningModule):
         optimizer: Optimizer factory taking the parameters.
         warmup_steps: Linear learning-rate warm-up steps.
         max_lr_steps: Cosine decay length in optimizer steps (``0`` = constant after warm-up).
-        seed: Seed of the generator used for noise and time sampling.
+        seed: Seed of the noise and time sampling. In training, the randomness of each batch
+            is a function of the seed and the batch's position alone (see
+            :meth:`batch_generators`), so a resumed or distributed run draws what an
+            uninterrupted single-process run draws.
     """
 
     def __init__(
@@ -106,7 +111,8 @@ class FlowLM(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.max_lr_steps = max_lr_steps
-        self._gen = torch.Generator().manual_seed(seed)
+        self.seed = int(seed)
+        self._gen = torch.Generator().manual_seed(self.seed)
 
     @staticmethod
     def _check_regime(block_sizes, steps, t_min, fraction, widths) -> None:
@@ -171,10 +177,10 @@ class FlowLM(L.LightningModule):
             generator=self._gen,
         )
 
-    def _diagonal_loss(self, tokens: torch.Tensor) -> LossTerms:
+    def _diagonal_loss(self, tokens: torch.Tensor, regime: torch.Generator) -> LossTerms:
         from flowtext.policies import Diagonal
 
-        i = int(torch.randint(len(self.diagonal_widths), (1,), generator=self._gen))
+        i = int(torch.randint(len(self.diagonal_widths), (1,), generator=regime))
         length = tokens.shape[1]
         grid = Diagonal(width=self.diagonal_widths[i]).grid(
             length, length * self.diagonal_steps, dtype=torch.float64
@@ -183,21 +189,26 @@ class FlowLM(L.LightningModule):
         grid = with_t_min(grid, self.t_min or 1.0 / max(2, self.steps_per_block))
         return single_stream_loss(self.net, tokens, grid, self.schedule, generator=self._gen)
 
-    def training_loss(self, tokens: torch.Tensor) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    def training_loss(
+        self, tokens: torch.Tensor, *, regime_generator: torch.Generator | None = None
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One Monte Carlo draw of the training objective.
 
         Args:
             tokens: ``[B, L]``.
+            regime_generator: Generator of the regime draw (which bound this batch trains);
+                ``None``: the model's generator, which always draws the noise and times.
 
         Returns:
             ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted difficulty loss)
             and values to log.
         """
-        u = float(torch.rand((), generator=self._gen))
+        regime = regime_generator if regime_generator is not None else self._gen
+        u = float(torch.rand((), generator=regime))
         if u < self.single_stream_fraction:
-            terms, kind = self._diagonal_loss(tokens), "diagonal"
+            terms, kind = self._diagonal_loss(tokens, regime), "diagonal"
         else:
-            i = int(torch.randint(len(self.train_block_sizes), (1,), generator=self._gen))
+            i = int(torch.randint(len(self.train_block_sizes), (1,), generator=regime))
             b = self.train_block_sizes[i]
             terms, kind = self._block_loss(tokens, b, self.steps_per_block), f"block{b}"
         elbo = terms.nats.mean()
@@ -209,17 +220,97 @@ class FlowLM(L.LightningModule):
             logs["train/difficulty_mse"] = dl
         return loss, logs
 
+    # ------------------------------------------------------------------------------ randomness
+    def _key(self, *key: int) -> int:
+        digest = hashlib.blake2b(repr((self.seed, *key)).encode(), digest_size=8).digest()
+        return int.from_bytes(digest, "little") >> 1
+
+    def batch_generators(self, step: int, block: int) -> tuple[torch.Generator, int]:
+        """The randomness of one training micro-batch, a pure function of its position.
+
+        The regime (which bound to train) depends on the optimizer step only, so every rank and
+        every accumulated micro-batch of a step trains the same bound, as one process with the
+        whole global batch would. The noise and times depend on the global micro-batch number
+        ``block``, which is also what :class:`~flowtext.data.EpochSampler` shards by: rank ``r``
+        of ``W`` at its ``k``-th micro-batch holds block ``k W + r``. Nothing needs saving for
+        an exact resume.
+
+        Args:
+            step: Optimizer step (``trainer.global_step``).
+            block: Global micro-batch number.
+
+        Returns:
+            ``(regime generator, noise seed)``; the model's generator is re-seeded with the
+            noise seed, and so is the global RNG (dropout) while the loss is computed.
+        """
+        return torch.Generator().manual_seed(self._key(0, step)), self._key(1, block)
+
+    @contextlib.contextmanager
+    def _noise_seeded(self, seed: int) -> Iterator[None]:
+        self._gen.manual_seed(seed)
+        if self.net.config.dropout == 0:
+            yield
+            return
+        cuda = [self.device.index or 0] if self.device.type == "cuda" else []
+        with torch.random.fork_rng(devices=cuda):
+            torch.default_generator.manual_seed(seed)
+            if cuda:
+                torch.cuda.default_generators[cuda[0]].manual_seed(seed)
+            yield
+
+    def _position(self) -> tuple[int, int]:
+        trainer = self._trainer
+        if trainer is None:
+            return 0, 0
+        total = trainer.fit_loop.epoch_loop.total_batch_idx
+        return int(total), int(total) * trainer.world_size + trainer.global_rank
+
     def training_step(self, batch, batch_idx):  # noqa: D102
         tokens = batch["tokens"] if isinstance(batch, dict) else batch
-        loss, logs = self.training_loss(tokens)
-        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False)
-        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False)
+        if self._trainer is None:
+            loss, logs = self.training_loss(tokens)
+        else:
+            _, block = self._position()
+            regime, noise = self.batch_generators(self.global_step, block)
+            with self._noise_seeded(noise):
+                loss, logs = self.training_loss(tokens, regime_generator=regime)
         if not torch.isfinite(loss):
-            raise FloatingPointError(
+            raise NonFiniteError(
                 f"non-finite training loss {loss.item()} at global step {self.global_step}, "
-                f"batch {batch_idx}; lower the learning rate or use precision=32"
+                f"epoch {self.current_epoch}, batch {batch_idx}; lower the learning rate, set "
+                "gradient_clip_val, or train in precision=32 (the last checkpoint is untouched)"
             )
+        # the bound drawn depends on the step only, so every rank logs the same keys
+        self.log_dict(logs, prog_bar=False, on_step=True, on_epoch=False, sync_dist=True)
+        self.log("loss", loss, prog_bar=True, on_step=True, on_epoch=False, sync_dist=True)
         return loss
+
+    def on_before_optimizer_step(self, optimizer) -> None:
+        """Stop on a NaN or infinite gradient before it reaches the weights.
+
+        Under ``16-mixed`` precision the gradient scaler skips such steps itself, so nothing is
+        raised there.
+
+        Raises:
+            NonFiniteError: Naming the step, the batch and the first parameter affected.
+        """
+        trainer = self._trainer
+        if trainer is not None and getattr(trainer.precision_plugin, "scaler", None) is not None:
+            return
+        grads = [(n, p.grad) for n, p in self.named_parameters() if p.grad is not None]
+        if not grads:
+            return
+        norms = torch._foreach_norm([g for _, g in grads])
+        if bool(torch.isfinite(torch.stack(norms)).all()):
+            return
+        bad = next(n for (n, _), v in zip(grads, norms) if not bool(torch.isfinite(v)))
+        batch = trainer.fit_loop.epoch_loop.batch_idx if trainer is not None else "?"
+        raise NonFiniteError(
+            f"non-finite gradient of {bad} at global step {self.global_step}, epoch "
+            f"{self.current_epoch}, batch {batch}; lower the learning rate, set "
+            "gradient_clip_val, or train in precision=32 (the weights were not updated and the "
+            "last checkpoint is untouched)"
+        )
 
     def validation_policies(self) -> dict[str, tuple[int, int]]:
         """Validation policy name -> (block size, steps per block); ``0`` = whole sequence."""
@@ -229,8 +320,13 @@ class FlowLM(L.LightningModule):
             "sync": (0, self.val_steps_per_block),
         }
 
-    def validation_step(self, batch, batch_idx):  # noqa: D102
+    def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: D102
         tokens = batch["tokens"] if isinstance(batch, dict) else batch
+        # the same noise at every validation (common random numbers), whatever was trained
+        rank, world = (
+            (0, 1) if self._trainer is None else (self.trainer.global_rank, self.trainer.world_size)
+        )
+        self._gen.manual_seed(self._key(2, dataloader_idx, batch_idx * world + rank))
         for name, (size, steps) in self.validation_policies().items():
             nats = self._block_loss(tokens, size, steps).nats.mean()
             bpb = nats / LN2 / self.bytes_per_token

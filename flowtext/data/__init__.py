@@ -40,7 +40,7 @@ from flowtext.data._corpora import (
     resolve_corpus,
     split_of,
 )
-from flowtext.data._datasets import EpochSampler, TaskDataset, TokenWindows
+from flowtext.data._datasets import EpochSampler, ResumableLoader, TaskDataset, TokenWindows
 from flowtext.data._module import TOKENIZERS, FlowTextDataModule
 from flowtext.data._tasks import AdditionTask, CopyTask, ReversalTask, Task, TaskExample
 from flowtext.data._tokenizers import (
@@ -60,6 +60,7 @@ __all__ = [
     "Corpus",
     "EpochSampler",
     "FlowTextDataModule",
+    "ResumableLoader",
     "ReversalTask",
     "StdlibCorpus",
     "Task",

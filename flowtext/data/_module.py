@@ -9,7 +9,13 @@ from torch.utils.data import DataLoader
 
 from flowtext.data._cache import build_char_tokenizer, prepare_tokens
 from flowtext.data._corpora import SPLITS, Corpus, check_fractions, resolve_corpus
-from flowtext.data._datasets import EpochSampler, TaskDataset, TokenWindows, _check_seq_len
+from flowtext.data._datasets import (
+    EpochSampler,
+    ResumableLoader,
+    TaskDataset,
+    TokenWindows,
+    _check_seq_len,
+)
 from flowtext.data._tasks import Task
 from flowtext.data._tokenizers import ByteTokenizer, Tokenizer, tokenizer_from_state
 from flowtext.errors import ConfigError, DataError
@@ -72,10 +78,13 @@ class FlowTextDataModule(L.LightningDataModule):
         super().__init__()
         _check_seq_len(seq_len)
         if tokenizer not in TOKENIZERS:
-            raise ConfigError(f"unknown tokenizer {tokenizer!r}; valid names: "
-                              f"{', '.join(TOKENIZERS)}")
-        for name, value in (("batch_size", batch_size), ("train_samples_per_epoch",
-                                                         train_samples_per_epoch)):
+            raise ConfigError(
+                f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZERS)}"
+            )
+        for name, value in (
+            ("batch_size", batch_size),
+            ("train_samples_per_epoch", train_samples_per_epoch),
+        ):
             if not isinstance(value, int) or value < 1:
                 raise ConfigError(f"{name} must be a positive int, got {value!r}")
         if not isinstance(num_workers, int) or num_workers < 0:
@@ -96,16 +105,18 @@ class FlowTextDataModule(L.LightningDataModule):
         self.splits = check_fractions(splits)
         self.seed = seed
         self.cache_dir = cache_dir
-        self.source: Corpus | Task = resolve_corpus(corpus, fractions=self.splits,
-                                                    pattern=pattern, **(corpus_options or {}))
+        self.source: Corpus | Task = resolve_corpus(
+            corpus, fractions=self.splits, pattern=pattern, **(corpus_options or {})
+        )
         if self.is_task:
             if tokenizer != "byte":
-                raise ConfigError(f"task {corpus!r} uses the byte tokenizer; set "
-                                  "tokenizer='byte'")
+                raise ConfigError(f"task {corpus!r} uses the byte tokenizer; set tokenizer='byte'")
             need = self.source.min_seq_len()
             if seq_len < need:
-                raise DataError(f"task {corpus!r} needs seq_len >= {need}, got {seq_len}; "
-                                "raise seq_len or use smaller problems")
+                raise DataError(
+                    f"task {corpus!r} needs seq_len >= {need}, got {seq_len}; "
+                    "raise seq_len or use smaller problems"
+                )
         self._tokenizer: Tokenizer | None = None
         self.datasets: dict[str, Any] = {}
 
@@ -121,8 +132,7 @@ class FlowTextDataModule(L.LightningDataModule):
             if self.tokenizer_name == "byte":
                 self._tokenizer = ByteTokenizer()
             else:
-                self._tokenizer = build_char_tokenizer(self.source, self.cache_dir,
-                                                       self.max_bytes)
+                self._tokenizer = build_char_tokenizer(self.source, self.cache_dir, self.max_bytes)
         return self._tokenizer
 
     @property
@@ -144,8 +154,7 @@ class FlowTextDataModule(L.LightningDataModule):
                 self._prepare(split)
 
     def _prepare(self, split: str):  # noqa: ANN202
-        return prepare_tokens(self.source, self.tokenizer, split, self.cache_dir,
-                              self.max_bytes)
+        return prepare_tokens(self.source, self.tokenizer, split, self.cache_dir, self.max_bytes)
 
     def _dataset(self, split: str) -> TokenWindows | TaskDataset:
         train = split == "train"
@@ -155,8 +164,7 @@ class FlowTextDataModule(L.LightningDataModule):
             n = self.train_samples_per_epoch if train else (self.eval_samples or 512)
             return TaskDataset(self.source, self.tokenizer, split, self.seq_len, n, self.seed)
         n = self.train_samples_per_epoch if train else self.eval_samples
-        return TokenWindows(self._prepare(split), self.seq_len, train, n, self.seed,
-                            self.tokenizer)
+        return TokenWindows(self._prepare(split), self.seq_len, train, n, self.seed, self.tokenizer)
 
     def setup(self, stage: str | None = None) -> None:
         """Open the datasets a stage needs.
@@ -166,8 +174,12 @@ class FlowTextDataModule(L.LightningDataModule):
         Raises:
             DataError: A split shorter than one window.
         """
-        wanted = {"fit": ("train", "val"), "validate": ("val",), "test": ("test",),
-                  "predict": ("test",)}.get(stage or "", SPLITS)
+        wanted = {
+            "fit": ("train", "val"),
+            "validate": ("val",),
+            "test": ("test",),
+            "predict": ("test",),
+        }.get(stage or "", SPLITS)
         for split in wanted:
             if split not in self.datasets:
                 self.datasets[split] = self._dataset(split)
@@ -180,7 +192,7 @@ class FlowTextDataModule(L.LightningDataModule):
     def _loader(self, split: str) -> DataLoader:
         ds = self._get(split)
         train = split == "train"
-        return DataLoader(
+        return (ResumableLoader if train else DataLoader)(
             ds,
             batch_size=self.batch_size,
             sampler=self._train_sampler(len(ds)) if train else None,
@@ -191,13 +203,27 @@ class FlowTextDataModule(L.LightningDataModule):
         )
 
     def _train_sampler(self, n: int) -> EpochSampler:
-        # one sampler for the module's life, so a re-created loader still moves on per epoch
-        if getattr(self, "_sampler", None) is None or len(self._sampler) != n:
-            self._sampler = EpochSampler(n)
+        # one sampler for the module's life, so a re-created loader still moves on per epoch;
+        # under distributed training each rank takes its own blocks of batch_size items
+        trainer = getattr(self, "trainer", None)
+        world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
+        rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
+        key = (n, self.batch_size, world, rank)
+        if getattr(self, "_sampler", None) is None or self._sampler_key != key:
+            self._sampler = EpochSampler(
+                n, batch_size=self.batch_size, num_replicas=world, rank=rank
+            )
+            self._sampler_key = key
         return self._sampler
 
     def train_dataloader(self) -> DataLoader:
-        """Random training windows, ``train_samples_per_epoch`` per epoch."""
+        """Random training windows, ``train_samples_per_epoch`` per epoch.
+
+        The loader is a :class:`~flowtext.data.ResumableLoader`: its position in the epoch is
+        saved in Lightning checkpoints, so a run resumed mid-epoch sees the same batches as an
+        uninterrupted one. Under distributed training each rank gets its own batches
+        (:class:`~flowtext.data.EpochSampler`); ``batch_size`` is per rank.
+        """
         return self._loader("train")
 
     def val_dataloader(self) -> DataLoader:
@@ -219,5 +245,4 @@ class FlowTextDataModule(L.LightningDataModule):
             DataError: The checkpoint was trained with another tokenizer.
         """
         if "tokenizer" in state_dict:
-            self.tokenizer.check_state(tokenizer_from_state(state_dict["tokenizer"])
-                                       .state_dict())
+            self.tokenizer.check_state(tokenizer_from_state(state_dict["tokenizer"]).state_dict())
