@@ -569,6 +569,7 @@ def parse(argv=None):
     p.add_argument("--max-time", default="00:00:15:00", help="training budget per model")
     p.add_argument("--max-steps", type=int, default=2000, help="step cap per model")
     p.add_argument("--skip-addition", action="store_true")
+    p.add_argument("--skip-lm", action="store_true", help="only the addition task")
     p.add_argument("--addition-ckpt-dir", default=None, help="load addition runs instead")
     p.add_argument("--addition-max-time", default="00:00:04:00")
     p.add_argument("--addition-max-steps", type=int, default=100000)
@@ -613,29 +614,27 @@ def main(argv=None) -> int:
 
     # ---- the default corpus
     runs: dict[str, Run] = {}
-    for name in MODELS:
+    train_rows, bpb, samples, batches, ref = [], [], [], [], math.nan
+    for name in [] if args.skip_lm else MODELS:
         if args.ckpt_dir:
             runs[name] = load_run(name, Path(args.ckpt_dir), dest / "lm" / name)
         else:
             runs[name] = train_run(name, dest / "lm" / name, budget, args)
         print(f"[compare] {name} ready ({time.perf_counter() - t0:.0f} s)", flush=True)
-    train_rows = [
-        {"model": n, "source": r.ckpt, **{k: v for k, v in r.train.items()}}
-        for n, r in runs.items()
-    ]
-    dm = runs["evo"].dm
-    batches = _val_batches(dm, args.val_batches)
-    bpb = [
-        row
-        for r in runs.values()
-        for row in eval_bpb(r, batches, args.eval_m, args.repeats, args.seed)
-    ]
-    print(f"[compare] bpb table ({time.perf_counter() - t0:.0f} s)", flush=True)
-    windows = torch.cat(batches)[: args.samples, : args.prompt_len + args.gen_len]
-    judge = runs["ar"]
-    ref = judge_bpb(judge, windows, args.prompt_len)
-    samples = [row for r in runs.values() for row in eval_samples(r, judge, windows, args)]
-    print(f"[compare] samples ({time.perf_counter() - t0:.0f} s)", flush=True)
+    if runs:
+        train_rows = [{"model": n, "source": r.ckpt, **r.train} for n, r in runs.items()]
+        batches = _val_batches(runs["evo"].dm, args.val_batches)
+        bpb = [
+            row
+            for r in runs.values()
+            for row in eval_bpb(r, batches, args.eval_m, args.repeats, args.seed)
+        ]
+        print(f"[compare] bpb table ({time.perf_counter() - t0:.0f} s)", flush=True)
+        windows = torch.cat(batches)[: args.samples, : args.prompt_len + args.gen_len]
+        judge = runs["ar"]
+        ref = judge_bpb(judge, windows, args.prompt_len)
+        samples = [row for r in runs.values() for row in eval_samples(r, judge, windows, args)]
+        print(f"[compare] samples ({time.perf_counter() - t0:.0f} s)", flush=True)
 
     # ---- the addition task
     addition, add_train = [], []
@@ -672,8 +671,9 @@ def main(argv=None) -> int:
     )
     write_csv(dest / "addition.csv", addition)
     write_csv(dest / "goals.csv", gl)
-    plot_bpb(bpb, dest / "bpb_by_policy.png", "validation bits/byte per static policy")
-    plot_quality(samples, ref, dest / "quality_vs_nfe.png", "sample quality vs NFE")
+    if bpb:
+        plot_bpb(bpb, dest / "bpb_by_policy.png", "validation bits/byte per static policy")
+        plot_quality(samples, ref, dest / "quality_vs_nfe.png", "sample quality vs NFE")
     for section, rows, keys in (
         ("train", train_rows, ["train_tokens_per_s", "train_wall_s", "checkpoint_step"]),
         ("bpb", bpb, ["bpb", "stderr"]),
@@ -701,7 +701,7 @@ def main(argv=None) -> int:
         if r["model"] not in best or r["bpb"] < best[r["model"]]["bpb"]:
             best[r["model"]] = r
     pivot = []
-    for label, b in static_policies(batches[0].shape[1]):
+    for label, b in static_policies(batches[0].shape[1]) if batches else []:
         for m in [1] if b == 1 else args.eval_m:
             row = {"policy": label, "m": m, "trained": []}
             for r in bpb:
