@@ -125,6 +125,12 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--greedy", action="store_true", help="commit the argmax")
     p.add_argument("--length", type=int, default=64, help="tokens to generate (at most)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--deterministic",
+        action="store_true",
+        help="use only deterministic kernels (torch.use_deterministic_algorithms), so the same "
+        "seed gives bit-identical samples on the same hardware",
+    )
     p.add_argument("--batch", type=int, default=1, help="samples to draw (row i uses seed + i)")
     p.add_argument("--no-eos", action="store_true", help="do not stop at the tokenizer's EOS")
     p.add_argument("--no-cache", action="store_true", help="disable the KV cache (slow floor)")
@@ -141,12 +147,22 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
     Returns:
         Exit code: 0 on success, 2 on bad input (the message names the fix).
     """
+    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
+    before = torch.are_deterministic_algorithms_enabled()
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True)
+    try:
+        return _sample(args)
+    finally:
+        torch.use_deterministic_algorithms(before)
+
+
+def _sample(args: argparse.Namespace) -> int:
     from rich.console import Console
     from rich.table import Table
 
     from flowtext.decoding import generate, plot_maturity
 
-    args = _parser().parse_args(list(sys.argv[1:] if argv is None else argv))
     console = Console()
     err = Console(stderr=True)
     try:
