@@ -377,6 +377,7 @@ def checkpoint_sections(lm, dm, out: Path, args) -> dict:
         xlabel="diagonal width w",
         ylabel="validation ELBO (bits/byte)",
         title="diagonal-width sweep (single-stream estimator)",
+        logy=True,
         hlines={
             "AR": block_rows[0]["bpb"],
             "synchronous": block_rows[-1]["bpb"],
