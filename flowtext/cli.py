@@ -21,6 +21,7 @@ def _demo(argv: Sequence[str]) -> int:
     from rich.table import Table
 
     from flowtext.demo import observed_orders, toy_report
+    from flowtext.errors import FlowtextError
 
     parser = argparse.ArgumentParser(prog="flowtext demo", description=__doc__)
     parser.add_argument("--out", default="outputs/demo", help="output folder")
@@ -28,10 +29,14 @@ def _demo(argv: Sequence[str]) -> int:
     parser.add_argument("--schedule", default="linear", help="noise schedule name")
     args = parser.parse_args(argv)
     console = Console()
-    with console.status("transporting the Gaussian toy under every policy and solver"):
-        results = toy_report(
-            args.out, length=args.length, schedule=args.schedule, multipliers=(1, 2, 4, 8, 16)
-        )
+    try:
+        with console.status("transporting the Gaussian toy under every policy and solver"):
+            results = toy_report(
+                args.out, length=args.length, schedule=args.schedule, multipliers=(1, 2, 4, 8, 16)
+            )
+    except (FlowtextError, OSError) as e:
+        Console(stderr=True).print(f"[red]error:[/red] {e}")
+        return 2
     orders = observed_orders(results)
     table = Table(
         title="Gaussian toy: transport error (max |mean/cov error|)",
@@ -70,9 +75,17 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sample_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
+        from lightning.fabric.utilities.exceptions import MisconfigurationException
+
+        from flowtext.errors import FlowtextError
         from flowtext.training import cli_main
 
-        cli_main(argv if explicit else None)
+        try:
+            cli_main(argv if explicit else None)
+        except (FlowtextError, MisconfigurationException) as e:
+            # a bad config, corpus or numeric blow-up: one line naming the fix, no traceback
+            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
+            return 2
         return 0
     print(
         "usage: flowtext {run,demo,fit,validate,test,sample} ...\n"

@@ -13,12 +13,16 @@ from pathlib import Path
 
 import torch
 
-from flowtext import policies, solvers
+from flowtext import policies, schedules, solvers
+from flowtext.errors import ConfigError
 from flowtext.flow import integrate
 from flowtext.plotting import plot_convergence, plot_time_grids
 from flowtext.toy import GaussianToy
 
 __all__ = ["DEMO_POLICIES", "pushforward", "toy_report"]
+
+MAX_TOY_LENGTH = 64
+"""Longest toy sequence :func:`toy_report` accepts."""
 
 DEMO_POLICIES = {
     "synchronous": policies.Synchronous(),
@@ -82,7 +86,16 @@ def toy_report(
     Returns:
         ``"policy/solver" -> [(steps, transport error)]`` where the error is the largest
         absolute deviation of the output mean or covariance from the data law.
+
+    Raises:
+        ConfigError: ``length`` outside ``[1, MAX_TOY_LENGTH]`` or an unknown schedule.
     """
+    if not isinstance(length, int) or not 1 <= length <= MAX_TOY_LENGTH:
+        raise ConfigError(
+            f"toy length must be an int in [1, {MAX_TOY_LENGTH}] (the exact pushforward is cubic "
+            f"in L * d), got {length!r}"
+        )
+    schedules.get(schedule)  # an unknown name fails here, listing the valid ones
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     toy = GaussianToy.random(length, dim, generator=torch.Generator().manual_seed(seed))

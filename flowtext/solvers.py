@@ -254,6 +254,11 @@ class Ancestral(Solver):
         return _freeze(z, mean + self.eta * std * noise, t_next - t_now)
 
 
+ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
+MAX_ADAPTIVE_STEPS = 1000
+"""Default ``max_num_steps`` of torchdiffeq's adaptive methods (override through ``options``)."""
+
+
 @register("torchdiffeq")
 @dataclass(frozen=True)
 class TorchDiffEq(Solver):
@@ -267,7 +272,12 @@ class TorchDiffEq(Solver):
         method: Any torchdiffeq method name (``"dopri5"``, ``"euler"``, ``"rk4"``, ...).
         rtol: Relative tolerance (adaptive methods).
         atol: Absolute tolerance (adaptive methods).
-        options: Extra solver options passed through.
+        options: Extra solver options passed through; adaptive methods get
+            ``max_num_steps = MAX_ADAPTIVE_STEPS`` unless given.
+
+    Raises:
+        ConfigError: Unknown method, options that are not a dict, or (from :meth:`integrate`)
+            an adaptive step size that collapsed or ran out of steps.
     """
 
     method: str = "dopri5"
@@ -278,10 +288,20 @@ class TorchDiffEq(Solver):
     def __post_init__(self) -> None:
         from torchdiffeq._impl.odeint import SOLVERS
 
-        if self.method not in SOLVERS:
+        if not isinstance(self.method, str) or self.method not in SOLVERS:
             raise ConfigError(
                 f"unknown torchdiffeq method {self.method!r}; valid: {', '.join(sorted(SOLVERS))}"
             )
+        if not isinstance(self.options, dict):
+            raise ConfigError(
+                f"options must be a dict of torchdiffeq options, got {self.options!r}"
+            )
+
+    def _options(self) -> dict | None:
+        options = dict(self.options)
+        if self.method in ADAPTIVE_METHODS:  # a singular field must fail, not run for hours
+            options.setdefault("max_num_steps", MAX_ADAPTIVE_STEPS)
+        return options or None
 
     @staticmethod
     def _clock(times: Tensor) -> Tensor:
@@ -306,15 +326,23 @@ class TorchDiffEq(Solver):
         def f(t: Tensor, y: Tensor) -> Tensor:
             return field.velocity(y, t.expand(z.shape[:2]).to(y.dtype))
 
-        sol = odeint(
-            f,
-            z,
-            uniq,
-            method=self.method,
-            rtol=self.rtol,
-            atol=self.atol,
-            options=self.options or None,
-        )
+        try:
+            sol = odeint(
+                f,
+                z,
+                uniq,
+                method=self.method,
+                rtol=self.rtol,
+                atol=self.atol,
+                options=self._options(),
+            )
+        except AssertionError as err:  # torchdiffeq's "underflow in dt"
+            raise ConfigError(
+                f"torchdiffeq {self.method} failed ({err}): the adaptive step size collapsed, "
+                "usually where the velocity is singular at t = 0 or t = 1; stop the grid short "
+                "of the end point (t_min > 0), loosen rtol/atol, or use a fixed-grid method "
+                "(method='rk4', or the euler/heun/rk4 solvers)"
+            ) from err
         return sol[torch.cumsum(keep, 0) - 1]
 
     def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102

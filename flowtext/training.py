@@ -29,6 +29,7 @@ from lightning.pytorch.plugins import TorchCheckpointIO
 
 from flowtext.callbacks import SampleCallback
 from flowtext.data import FlowTextDataModule
+from flowtext.errors import ConfigError, FlowtextError
 from flowtext.lm import FlowLM
 
 __all__ = [
@@ -178,17 +179,33 @@ def cli_main(argv: Sequence[str] | None = None, **kwargs: Any) -> FlowCLI:
 
     Returns:
         The CLI object (its ``model``, ``datamodule`` and ``trainer``).
+
+    Raises:
+        ConfigError: The model rejected its configuration (the message names the fix).
     """
     try:  # field docstrings of the config dataclasses become --help text
         set_parsing_settings(docstring_parse_attribute_docstrings=True)
     except (TypeError, ValueError):  # older jsonargparse: help falls back to the class docstring
         pass
-    return FlowCLI(
-        FlowLM,
-        FlowTextDataModule,
-        subclass_mode_model=True,
-        trainer_defaults=trainer_defaults(),
-        args=list(argv) if argv is not None else None,
-        save_config_kwargs={"overwrite": True},
-        **kwargs,
-    )
+    try:
+        return FlowCLI(
+            FlowLM,
+            FlowTextDataModule,
+            subclass_mode_model=True,
+            trainer_defaults=trainer_defaults(),
+            args=list(argv) if argv is not None else None,
+            save_config_kwargs={"overwrite": True},
+            **kwargs,
+        )
+    except ValueError as err:
+        # jsonargparse reports a model that refused its arguments (our ConfigError) as "does not
+        # validate against any of the Union subtypes"; surface the model's own message
+        text = str(err)
+        reasons = [
+            line.strip()[2:]
+            for line in text.splitlines()
+            if line.strip().startswith("- ") and "NoneType" not in line
+        ]
+        if isinstance(err, FlowtextError) or "Union subtypes" not in text or not reasons:
+            raise
+        raise ConfigError("invalid model configuration: " + "; ".join(reasons)) from err

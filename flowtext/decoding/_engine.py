@@ -235,14 +235,22 @@ def _prompt_rows(prompt: Any, prompt_lengths: Any, batch_size: int | None) -> li
         return [prompt[b, :n].tolist() for b, n in enumerate(lengths)]
     if prompt_lengths is not None:
         raise ConfigError("prompt_lengths goes with a padded prompt tensor; drop it for lists")
+    bad = ShapeError("prompt must be a list of token-id lists, a list of ids, or a tensor")
+    if isinstance(prompt, (str, bytes)) or not hasattr(prompt, "__iter__"):
+        raise ShapeError(
+            f"prompt must be token ids (a list of ids, a list of lists, or a tensor), got "
+            f"{type(prompt).__name__}; encode text with the tokenizer first"
+        )
     rows = list(prompt)
     if rows and all(isinstance(x, int) and not isinstance(x, bool) for x in rows):
         return [rows]
     out = []
     for r in rows:
+        if isinstance(r, (str, bytes)) or not hasattr(r, "__iter__"):
+            raise bad
         r = r.tolist() if isinstance(r, Tensor) else list(r)
         if not all(isinstance(x, int) and not isinstance(x, bool) for x in r):
-            raise ShapeError("prompt must be a list of token-id lists, a list of ids, or a tensor")
+            raise bad
         out.append(r)
     if not out:
         raise ShapeError("prompt is an empty list; pass None for unconditional generation")
