@@ -36,8 +36,13 @@ class PlainCausalLM(torch.nn.Module):
         self.emb = torch.nn.Embedding(vocab, d_model)
         self.pos = torch.nn.Embedding(max_len, d_model)
         layer = torch.nn.TransformerEncoderLayer(
-            d_model, heads, int(mlp_ratio * d_model), dropout=0.0, activation="gelu",
-            batch_first=True, norm_first=True,
+            d_model,
+            heads,
+            int(mlp_ratio * d_model),
+            dropout=0.0,
+            activation="gelu",
+            batch_first=True,
+            norm_first=True,
         )
         self.body = torch.nn.TransformerEncoder(layer, layers, enable_nested_tensor=False)
         self.out = torch.nn.Linear(d_model, vocab)
@@ -64,7 +69,9 @@ def timeit(fn, params, iters, warmup=2):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     p.add_argument("--d-model", type=int, default=256)
     p.add_argument("--layers", type=int, default=4)
     p.add_argument("--heads", type=int, default=4)
@@ -77,8 +84,14 @@ def main(argv=None):
     if a.quick:
         a.d_model, a.layers, a.seq_len, a.batch, a.iters = 64, 2, 64, 4, 2
     torch.manual_seed(0)
-    cfg = FlowTransformerConfig(vocab_size=a.vocab, max_len=a.seq_len, d_model=a.d_model,
-                                n_layers=a.layers, n_heads=a.heads, attention_backend="sdpa")
+    cfg = FlowTransformerConfig(
+        vocab_size=a.vocab,
+        max_len=a.seq_len,
+        d_model=a.d_model,
+        n_layers=a.layers,
+        n_heads=a.heads,
+        attention_backend="sdpa",
+    )
     tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len))
     plain = PlainCausalLM(a.vocab, a.d_model, a.layers, a.heads, cfg.mlp_ratio, a.seq_len)
     net = FlowTransformer(cfg)
@@ -111,9 +124,14 @@ def main(argv=None):
         ("Evo mixture (training_loss)", timeit(evo_step, evo.parameters(), a.iters)),
     ]
     base = rows[0][1]
-    n_params = (sum(q.numel() for q in plain.parameters()), sum(q.numel() for q in net.parameters()))
-    table = Table(title=f"training step, B={a.batch} L={a.seq_len} d={a.d_model} layers={a.layers} "
-                        f"({torch.get_num_threads()} threads, {torch.__version__})")
+    n_params = (
+        sum(q.numel() for q in plain.parameters()),
+        sum(q.numel() for q in net.parameters()),
+    )
+    table = Table(
+        title=f"training step, B={a.batch} L={a.seq_len} d={a.d_model} layers={a.layers} "
+        f"({torch.get_num_threads()} threads, {torch.__version__})"
+    )
     for col in ("model", "s / step", "clean tokens/s", "time ratio vs plain"):
         table.add_column(col, justify="right" if col != "model" else "left")
     for name, sec in rows:

@@ -2,6 +2,7 @@
 
 import os
 
+import pytest
 import torch
 from hypothesis import HealthCheck, settings
 
@@ -16,3 +17,10 @@ settings.register_profile(
 )
 settings.load_profile(os.environ.get("FLOWTEXT_HYPOTHESIS_PROFILE", "default"))
 torch.set_num_threads(1)
+
+
+@pytest.fixture(autouse=True)
+def _reset_deterministic_algorithms():
+    """Trainer(deterministic=True) switches torch's global flag on and never off: isolate tests."""
+    yield
+    torch.use_deterministic_algorithms(False)
