@@ -55,31 +55,13 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 from flowtext.objectives import LN2, two_stream_loss  # noqa: E402
+from flowtext.training import TINY_OVERRIDES  # noqa: E402
 
 MODELS = {"ar": "ar-tiny.yaml", "diffusion": "diffusion-tiny.yaml", "evo": "evo-tiny.yaml"}
 """Model name -> config file under ``experiments/configs``."""
 
 PRIMARY = {"ar": "autoregressive", "diffusion": "synchronous K=32", "evo": "adaptive thr=0.9"}
 """Each model's own decoder, declared before any run: the addition goal is read on these."""
-
-TINY = [
-    "--model.init_args.net.max_len=32",
-    "--model.init_args.net.d_model=32",
-    "--model.init_args.net.n_layers=1",
-    "--model.init_args.net.n_heads=2",
-    "--model.init_args.net.d_embed=8",
-    "--model.init_args.net.cond_dim=16",
-    "--model.init_args.net.cond_rank=4",
-    "--model.init_args.val_steps_per_block=4",
-    "--model.init_args.val_block_size=4",
-    "--data.seq_len=32",
-    "--data.batch_size=4",
-    "--data.max_bytes=200000",
-    "--data.eval_samples=8",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_model_summary=false",
-]
-"""Quick-mode overrides (as in ``tests/test_training.py``)."""
 
 
 @dataclass
@@ -609,7 +591,11 @@ def main(argv=None) -> int:
     budget = [
         f"--trainer.max_time={args.max_time}",
         f"--trainer.max_steps={args.max_steps}",
-        *(TINY + [f"--trainer.val_check_interval={args.max_steps}"] if args.quick else []),
+        *(
+            TINY_OVERRIDES + [f"--trainer.val_check_interval={args.max_steps}"]
+            if args.quick
+            else []
+        ),
     ]
 
     # ---- the default corpus
@@ -646,9 +632,9 @@ def main(argv=None) -> int:
             f"--data.eval_samples={min(128, args.addition_problems)}",
             f"--trainer.max_time={args.addition_max_time}",
             f"--trainer.max_steps={args.addition_max_steps}",
-            *(TINY + ["--trainer.val_check_interval=3"] if args.quick else []),
+            *(TINY_OVERRIDES + ["--trainer.val_check_interval=3"] if args.quick else []),
         ]
-        if args.quick:  # TINY sets seq_len 32: the task's own length comes last
+        if args.quick:  # TINY_OVERRIDES sets seq_len 32: the task's own length comes last
             extra.append(f"--data.seq_len={3 * args.digits + 4 + 1}")
         for name in MODELS:
             if args.addition_ckpt_dir:

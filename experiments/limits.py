@@ -54,25 +54,7 @@ from flowtext.objectives import (  # noqa: E402
 )
 from flowtext.plotting import plot_convergence, plot_time_grids  # noqa: E402
 from flowtext.toy import GaussianToy  # noqa: E402
-
-TINY_OVERRIDES = [
-    "--model.init_args.net.max_len=32",
-    "--model.init_args.net.d_model=32",
-    "--model.init_args.net.n_layers=1",
-    "--model.init_args.net.n_heads=2",
-    "--model.init_args.net.d_embed=8",
-    "--model.init_args.net.cond_dim=16",
-    "--model.init_args.net.cond_rank=4",
-    "--model.init_args.val_steps_per_block=4",
-    "--model.init_args.val_block_size=4",
-    "--data.seq_len=32",
-    "--data.batch_size=4",
-    "--data.max_bytes=200000",
-    "--data.eval_samples=8",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_model_summary=false",
-]
-"""Tiny-model overrides of the training CLI (as in ``tests/test_training.py``)."""
+from flowtext.training import TINY_OVERRIDES  # noqa: E402
 
 
 def _write_csv(path: Path, rows: list[dict]) -> None:

@@ -33,12 +33,32 @@ from flowtext.errors import ConfigError, FlowtextError
 from flowtext.lm import FlowLM
 
 __all__ = [
+    "TINY_OVERRIDES",
     "AtomicCheckpointIO",
     "FlowCLI",
     "cli_main",
     "latest_checkpoint",
     "trainer_defaults",
 ]
+
+TINY_OVERRIDES = [
+    "--model.init_args.net.max_len=32",
+    "--model.init_args.net.d_model=32",
+    "--model.init_args.net.n_layers=1",
+    "--model.init_args.net.n_heads=2",
+    "--model.init_args.net.d_embed=8",
+    "--model.init_args.net.cond_dim=16",
+    "--model.init_args.net.cond_rank=4",
+    "--model.init_args.val_steps_per_block=4",
+    "--model.init_args.val_block_size=4",
+    "--data.seq_len=32",
+    "--data.batch_size=4",
+    "--data.max_bytes=200000",
+    "--data.eval_samples=8",
+    "--trainer.limit_val_batches=1",
+    "--trainer.enable_model_summary=false",
+]
+"""CLI overrides shrinking any config to a seconds-long smoke run (tests, ``--quick``)."""
 
 CHECKPOINT_EVERY_N_STEPS = 100
 """Default of ``--checkpoint.every_n_train_steps``."""

@@ -7,28 +7,11 @@ import torch
 
 from flowtext.data import tokenizer_from_state
 from flowtext.errors import ConfigError
-from flowtext.training import cli_main
+from flowtext.training import TINY_OVERRIDES, cli_main
 
 ROOT = Path(__file__).resolve().parents[1]
 
-TINY = [
-    "--model.init_args.net.max_len=32",
-    "--model.init_args.net.d_model=32",
-    "--model.init_args.net.n_layers=1",
-    "--model.init_args.net.n_heads=2",
-    "--model.init_args.net.d_embed=8",
-    "--model.init_args.net.cond_dim=16",
-    "--model.init_args.net.cond_rank=4",
-    "--model.init_args.val_steps_per_block=4",
-    "--model.init_args.val_block_size=4",
-    "--data.seq_len=32",
-    "--data.batch_size=4",
-    "--data.max_bytes=200000",
-    "--data.eval_samples=8",
-    "--trainer.val_check_interval=2",
-    "--trainer.limit_val_batches=1",
-    "--trainer.enable_model_summary=false",
-]
+TINY = [*TINY_OVERRIDES, "--trainer.val_check_interval=2"]
 
 
 def fit(config, tmp_path, *extra):
