@@ -107,8 +107,12 @@ def methods(device):
         "sdpa": lambda q, k, v, t, o: sdpa_attention(q, k, v, t, o, t, o),
     }
     if device.type == "cuda":
+        # The bwd timing re-runs one graph's backward (retain_graph); donated buffers forbid that.
+        import torch._functorch.config as functorch_config
         from torch.nn.attention.flex_attention import create_block_mask, flex_attention
 
+        if hasattr(functorch_config, "donated_buffer"):
+            functorch_config.donated_buffer = False
         flex = torch.compile(flex_attention, dynamic=False)
 
         def flex_fn(q, k, v, t, o):

@@ -54,17 +54,28 @@ class PlainCausalLM(torch.nn.Module):
         return self.out(self.body(h, mask=mask, is_causal=True))
 
 
-def timeit(fn, params, iters, warmup=2):
+def timeit(fn, params, iters, warmup=2, device=None, amp=False):
+    """Seconds per optimizer step of ``fn`` (a loss closure), after ``warmup`` untimed steps."""
     opt = torch.optim.AdamW(params, lr=1e-4)
-    for _ in range(warmup):
+    device = torch.device("cpu") if device is None else device
+    cuda = device.type == "cuda"
+
+    def step():
         opt.zero_grad(set_to_none=True)
-        fn().backward()
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=amp):
+            loss = fn()
+        loss.backward()
         opt.step()
+
+    for _ in range(warmup):
+        step()
+    if cuda:
+        torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(iters):
-        opt.zero_grad(set_to_none=True)
-        fn().backward()
-        opt.step()
+        step()
+    if cuda:
+        torch.cuda.synchronize()
     return (time.perf_counter() - t0) / iters
 
 
@@ -80,7 +91,16 @@ def main(argv=None):
     p.add_argument("--iters", type=int, default=10)
     p.add_argument("--vocab", type=int, default=259)
     p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    p.add_argument("--amp", action="store_true", help="bf16 autocast")
+    p.add_argument(
+        "--backend",
+        default="sdpa",
+        choices=["sdpa", "triton"],
+        help="attention backend of the FlowTransformer (triton: the fused kernel, CUDA)",
+    )
     a = p.parse_args(argv)
+    dev = torch.device(a.device)
     if a.quick:
         a.d_model, a.layers, a.seq_len, a.batch, a.iters = 64, 2, 64, 4, 2
     torch.manual_seed(0)
@@ -90,38 +110,39 @@ def main(argv=None):
         d_model=a.d_model,
         n_layers=a.layers,
         n_heads=a.heads,
-        attention_backend="sdpa",
+        attention_backend=a.backend,
     )
-    tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len))
-    plain = PlainCausalLM(a.vocab, a.d_model, a.layers, a.heads, cfg.mlp_ratio, a.seq_len)
-    net = FlowTransformer(cfg)
+    tokens = torch.randint(0, a.vocab, (a.batch, a.seq_len), device=dev)
+    plain = PlainCausalLM(a.vocab, a.d_model, a.layers, a.heads, cfg.mlp_ratio, a.seq_len).to(dev)
+    net = FlowTransformer(cfg).to(dev)
     sched = schedules.get("cosine")
 
     def plain_step():
         logits = plain(tokens)
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
-    t_single = torch.rand(a.batch, a.seq_len)
-    o_single = torch.full((a.batch, a.seq_len), LIVE)
+    t_single = torch.rand(a.batch, a.seq_len, device=dev)
+    o_single = torch.full((a.batch, a.seq_len), LIVE, device=dev)
 
     def flow_single():
-        z = net.embed(tokens) + torch.randn(a.batch, a.seq_len, cfg.d_embed)
+        z = net.embed(tokens) + torch.randn(a.batch, a.seq_len, cfg.d_embed, device=dev)
         logits = net(z, t_single, o_single).logits
         return torch.nn.functional.cross_entropy(logits.flatten(0, 1), tokens.flatten())
 
     def flow_ar():
         return two_stream_loss(net, tokens, sched, block_size=1).nats.mean()
 
-    evo = Evo(net=cfg)
+    evo = Evo(net=cfg).to(dev)
 
     def evo_step():
         return evo.training_loss(tokens)[0]
 
+    kw = {"iters": a.iters, "device": dev, "amp": a.amp}
     rows = [
-        ("plain causal Transformer", timeit(plain_step, plain.parameters(), a.iters)),
-        ("flow, single stream (diffusion/Evo)", timeit(flow_single, net.parameters(), a.iters)),
-        ("flow, AR two-stream", timeit(flow_ar, net.parameters(), a.iters)),
-        ("Evo mixture (training_loss)", timeit(evo_step, evo.parameters(), a.iters)),
+        ("plain causal Transformer", timeit(plain_step, plain.parameters(), **kw)),
+        ("flow, single stream (diffusion/Evo)", timeit(flow_single, net.parameters(), **kw)),
+        ("flow, AR two-stream", timeit(flow_ar, net.parameters(), **kw)),
+        ("Evo mixture (training_loss)", timeit(evo_step, evo.parameters(), **kw)),
     ]
     base = rows[0][1]
     n_params = (
@@ -130,7 +151,8 @@ def main(argv=None):
     )
     table = Table(
         title=f"training step, B={a.batch} L={a.seq_len} d={a.d_model} layers={a.layers} "
-        f"({torch.get_num_threads()} threads, {torch.__version__})"
+        f"({_where(dev)}, attention {a.backend}{', bf16 autocast' if a.amp else ''}, "
+        f"torch {torch.__version__})"
     )
     for col in ("model", "s / step", "clean tokens/s", "time ratio vs plain"):
         table.add_column(col, justify="right" if col != "model" else "left")
@@ -138,6 +160,12 @@ def main(argv=None):
         table.add_row(name, f"{sec:.4f}", f"{a.batch * a.seq_len / sec:,.0f}", f"{sec / base:.2f}x")
     Console().print(table)
     print(f"parameters: plain {n_params[0]:,}, flow {n_params[1]:,}")
+
+
+def _where(dev: torch.device) -> str:
+    if dev.type == "cuda":
+        return torch.cuda.get_device_name(dev)
+    return f"CPU, {torch.get_num_threads()} threads"
 
 
 if __name__ == "__main__":

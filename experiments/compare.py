@@ -553,7 +553,13 @@ def parse(argv=None):
     p.add_argument("--skip-addition", action="store_true")
     p.add_argument("--skip-lm", action="store_true", help="only the addition task")
     p.add_argument("--addition-ckpt-dir", default=None, help="load addition runs instead")
-    p.add_argument("--addition-max-time", default="00:00:04:00")
+    p.add_argument("--addition-max-time", default="00:00:05:00")
+    p.add_argument(
+        "--addition-batch-size",
+        type=int,
+        default=128,
+        help="addition batch (128 x 14 tokens is about the LM runs' 16 x 128 tokens per batch)",
+    )
     p.add_argument("--addition-max-steps", type=int, default=100000)
     p.add_argument("--digits", type=int, default=3)
     p.add_argument("--addition-problems", type=int, default=256)
@@ -630,6 +636,7 @@ def main(argv=None) -> int:
             f'--data.corpus_options={{"digits": {args.digits}}}',
             f"--data.seq_len={3 * args.digits + 4 + 1}",
             f"--data.eval_samples={min(128, args.addition_problems)}",
+            f"--data.batch_size={args.addition_batch_size}",
             f"--trainer.max_time={args.addition_max_time}",
             f"--trainer.max_steps={args.addition_max_steps}",
             *(TINY_OVERRIDES + ["--trainer.val_check_interval=3"] if args.quick else []),
