@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from flowtext.attention.reference import (
     LIVE,
+    all_visible,
     check_times,
     sdpa_attention,
     two_stream_layout,
@@ -17,6 +18,7 @@ from flowtext.attention.reference import (
 
 __all__ = [
     "LIVE",
+    "all_visible",
     "attention",
     "check_times",
     "sdpa_attention",

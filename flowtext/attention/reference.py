@@ -47,6 +47,18 @@ def check_times(t: torch.Tensor, name: str = "t") -> None:
         )
 
 
+def _check_layout(t_q, o_q, t_k, o_k) -> None:
+    if t_q.shape != o_q.shape or t_k.shape != o_k.shape or t_q.ndim != 2 or t_k.ndim != 2:
+        raise ShapeError(
+            f"expected t_q, o_q of shape [B, Lq] and t_k, o_k of shape [B, Lk]; got "
+            f"{tuple(t_q.shape)}, {tuple(o_q.shape)}, {tuple(t_k.shape)}, {tuple(o_k.shape)}"
+        )
+    if t_q.shape[1] > t_k.shape[1] or t_q.shape[0] != t_k.shape[0]:
+        raise ShapeError(
+            f"need the same batch and Lq <= Lk; got {tuple(t_q.shape)} vs {tuple(t_k.shape)}"
+        )
+
+
 def visibility_mask(
     t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor
 ) -> torch.Tensor:
@@ -61,16 +73,8 @@ def visibility_mask(
     Returns:
         Boolean mask ``[B, Lq, Lk]``. Query ``i`` is key ``Lk - Lq + i``.
     """
-    if t_q.shape != o_q.shape or t_k.shape != o_k.shape or t_q.ndim != 2 or t_k.ndim != 2:
-        raise ShapeError(
-            f"expected t_q, o_q of shape [B, Lq] and t_k, o_k of shape [B, Lk]; got "
-            f"{tuple(t_q.shape)}, {tuple(o_q.shape)}, {tuple(t_k.shape)}, {tuple(o_k.shape)}"
-        )
+    _check_layout(t_q, o_q, t_k, o_k)
     lq, lk = t_q.shape[1], t_k.shape[1]
-    if lq > lk or t_q.shape[0] != t_k.shape[0]:
-        raise ShapeError(
-            f"need the same batch and Lq <= Lk; got {tuple(t_q.shape)} vs {tuple(t_k.shape)}"
-        )
     tq, oq = t_q[:, :, None], o_q[:, :, None]
     tk, ok = t_k[:, None, :], o_k[:, None, :]
     q_committed = tq == 0
@@ -80,6 +84,31 @@ def visibility_mask(
     idx_q = torch.arange(lk - lq, lk, device=t_q.device)[:, None]
     idx_k = torch.arange(lk, device=t_q.device)[None, :]
     return committed_key | live_key | (idx_q == idx_k)
+
+
+def all_visible(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor) -> bool:
+    """Whether every query sees every key (so attention needs no mask at all).
+
+    A sufficient condition of rule 3, checked in ``O(B (Lq + Lk))``: every query is live
+    (``t_q > 0``), every key is live and informative (``0 < t_k < 1``), and all tokens of a row
+    share one group. It holds for the synchronous (diffusion) single stream at ``0 < t < 1``.
+
+    Args:
+        t_q: Query times ``[B, Lq]``.
+        o_q: Query orders ``[B, Lq]``.
+        t_k: Key times ``[B, Lk]``.
+        o_k: Key orders ``[B, Lk]``.
+
+    Returns:
+        ``True`` if :func:`visibility_mask` would be all ``True`` by rule 3 (one device sync).
+    """
+    _check_layout(t_q, o_q, t_k, o_k)
+    if t_k.shape[1] == 0:
+        return False
+    group = o_k[:, :1]
+    ok = (o_q == group).all() & (o_k == group).all() & (t_q > 0).all()
+    ok = ok & (t_k > 0).all() & (t_k < 1).all()
+    return bool(ok)
 
 
 def two_stream_layout(
@@ -121,6 +150,9 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Attention under the visibility rules through a dense mask and PyTorch SDPA.
 
+    When every pair is visible (:func:`all_visible`, e.g. the diffusion single stream) no mask is
+    built and SDPA may pick its fused (flash / memory-efficient) kernels.
+
     Args:
         q: Queries ``[B, H, Lq, D]``.
         k: Keys ``[B, H, Lk, D]``.
@@ -134,8 +166,12 @@ def sdpa_attention(
     Returns:
         Output ``[B, H, Lq, D]`` in the dtype of ``q``.
     """
-    mask = visibility_mask(t_q, o_q, t_k, o_k)[:, None]
     if upcast:
+        mask = visibility_mask(t_q, o_q, t_k, o_k)[:, None]
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         return out.to(q.dtype)
-    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+    if all_visible(t_q, o_q, t_k, o_k):  # e.g. the diffusion single stream: no mask, fast kernels
+        return F.scaled_dot_product_attention(q, k, v)
+    return F.scaled_dot_product_attention(
+        q, k, v, attn_mask=visibility_mask(t_q, o_q, t_k, o_k)[:, None]
+    )
