@@ -165,7 +165,7 @@ def main(argv=None):
 def _where(dev: torch.device) -> str:
     if dev.type == "cuda":
         return torch.cuda.get_device_name(dev)
-    return f"CPU, {torch.get_num_threads()} threads"
+    return f"CPU, {torch.get_num_threads()} thread(s)"
 
 
 if __name__ == "__main__":

@@ -347,6 +347,9 @@ def test_no_quadratic_tensor_is_allocated():
             torch.autograd.grad(out.sum(), (q, k, v))
         return rec.numels
 
+    # Warm up outside the recorder: on CUDA the first call autotunes, and Triton's benchmarking
+    # allocates a large cache-flush buffer once; that is not part of the kernel path.
+    torch.autograd.grad(K.visibility_attention(q, k, v, t, o, t, o).sum(), (q, k, v))
     numels = run(K.visibility_attention)
     assert numels, "the recorder saw nothing"
     assert max(n for n, _ in numels) < quadratic, max(numels)
