@@ -97,8 +97,9 @@ def test_char_vocab_rejects_non_utf8_and_unknown_chars(tmp_path):
     folder.mkdir()
     (folder / "a.txt").write_bytes(b"caf\xe9 latin-1 " * 50)
     with pytest.raises(DataError, match="byte tokenizer"):
-        _ = FlowTextDataModule(str(folder), tokenizer="char", splits=(1.0, 0.0, 0.0),
-                               cache_dir=str(tmp_path / "cache")).vocab_size
+        _ = FlowTextDataModule(
+            str(folder), tokenizer="char", splits=(1.0, 0.0, 0.0), cache_dir=str(tmp_path / "cache")
+        ).vocab_size
 
 
 # ---------------------------------------------------------------- corpora and splits
@@ -158,8 +159,10 @@ def test_single_file_split_by_contiguous_ranges(tmp_path):
     n = len(text.encode())
     assert abs(len(parts[0]) - 0.9 * n) <= 4 and abs(len(parts[1]) - 0.05 * n) <= 8
     capped = [b"".join(d for _, d in corpus.documents(s, max_bytes=1000)) for s in data.SPLITS]
-    assert b"".join(capped) == text.encode()[: len(b"".join(capped))] and 996 <= len(
-        b"".join(capped)) <= 1000
+    assert (
+        b"".join(capped) == text.encode()[: len(b"".join(capped))]
+        and 996 <= len(b"".join(capped)) <= 1000
+    )
 
 
 def test_binary_files_are_skipped_with_warning(tmp_path):
@@ -176,8 +179,10 @@ def test_binary_files_are_skipped_with_warning(tmp_path):
 
 def test_memmap_equals_direct_encoding_and_is_reused(tmp_path):
     corpus = StdlibCorpus()
-    for tok in (ByteTokenizer(), CharTokenizer.from_texts(
-            d for s in data.SPLITS for _, d in corpus.documents(s, 60_000))):
+    for tok in (
+        ByteTokenizer(),
+        CharTokenizer.from_texts(d for s in data.SPLITS for _, d in corpus.documents(s, 60_000)),
+    ):
         path = prepare_tokens(corpus, tok, "val", tmp_path, max_bytes=60_000)
         arr, meta = open_tokens(path, tok)
         assert arr.dtype == np.uint16 and isinstance(arr, np.memmap)
@@ -186,7 +191,8 @@ def test_memmap_equals_direct_encoding_and_is_reused(tmp_path):
             expected += tok.encode(d.decode("utf-8")) + [tok.eos_id]
         assert arr.tolist() == expected
         assert meta["n_tokens"] == len(expected) and meta["n_documents"] == expected.count(
-            tok.eos_id)
+            tok.eos_id
+        )
         mtime = path.stat().st_mtime_ns
         assert prepare_tokens(corpus, tok, "val", tmp_path, max_bytes=60_000) == path
         assert path.stat().st_mtime_ns == mtime
@@ -227,7 +233,8 @@ def test_interrupted_prepare_leaves_no_cache(tmp_path, monkeypatch):
     with pytest.raises(RuntimeError):
         prepare_tokens(corpus, ByteTokenizer(), "train", tmp_path / "cache")
     assert not list((tmp_path / "cache").rglob("*.bin")) and not list(
-        (tmp_path / "cache").rglob("*.tmp"))
+        (tmp_path / "cache").rglob("*.tmp")
+    )
     monkeypatch.setattr(corpus, "documents", real)
     path = prepare_tokens(corpus, ByteTokenizer(), "train", tmp_path / "cache")
     assert open_tokens(path)[1]["n_documents"] == 5
@@ -239,8 +246,9 @@ def test_interrupted_prepare_leaves_no_cache(tmp_path, monkeypatch):
 def test_cache_dir_from_env(tmp_path, monkeypatch):
     monkeypatch.setenv("FLOWTEXT_CACHE", str(tmp_path / "envcache"))
     assert data.default_cache_dir() == tmp_path / "envcache"
-    dm = FlowTextDataModule(str(_text_folder(tmp_path / "c", n=30)), seq_len=8,
-                            splits=(0.6, 0.2, 0.2))
+    dm = FlowTextDataModule(
+        str(_text_folder(tmp_path / "c", n=30)), seq_len=8, splits=(0.6, 0.2, 0.2)
+    )
     dm.prepare_data()
     assert list((tmp_path / "envcache" / "tokens").glob("*.bin"))
 
@@ -256,7 +264,7 @@ def test_windows_shape_range_and_determinism(tmp_path):
     assert all(t.shape == (32,) and t.dtype == torch.long for t in items)
     assert all(0 <= int(t.min()) and int(t.max()) < 259 for t in items)
     s = train.start(7)
-    assert items[7].tolist() == arr[s:s + 32].tolist()
+    assert items[7].tolist() == arr[s : s + 32].tolist()
     again = TokenWindows(path, 32, train=True, num_samples=50, seed=3)
     assert all(torch.equal(again[i]["tokens"], items[i]) for i in range(50))
     assert len({train.start(i) for i in range(50, 100)} - {train.start(i) for i in range(50)})
@@ -308,8 +316,9 @@ def test_reversal_and_copy_examples_are_correct(name):
         ex = task.example("val", i)
         src = ex.prompt[:-1]
         assert ex.prompt.endswith(">") and 3 <= len(src) <= 9 and src.isalpha()
-        assert ex.answer == (src[::-1] if isinstance(task, ReversalTask) and not isinstance(
-            task, CopyTask) else src)
+        assert ex.answer == (
+            src[::-1] if isinstance(task, ReversalTask) and not isinstance(task, CopyTask) else src
+        )
         assert task.exact_match(ex.text, ex) and not task.exact_match(ex.prompt + "zz", ex)
 
 
@@ -327,8 +336,14 @@ def test_task_splits_deterministic_and_disjoint(name):
 
 
 def test_datamodule_stdlib(tmp_path):
-    dm = FlowTextDataModule(seq_len=64, batch_size=8, max_bytes=SMALL, cache_dir=str(tmp_path),
-                            train_samples_per_epoch=32, eval_samples=12)
+    dm = FlowTextDataModule(
+        seq_len=64,
+        batch_size=8,
+        max_bytes=SMALL,
+        cache_dir=str(tmp_path),
+        train_samples_per_epoch=32,
+        eval_samples=12,
+    )
     assert dm.vocab_size == 259 and dm.bytes_per_token == 1.0
     dm.prepare_data()
     dm.setup("fit")
@@ -344,8 +359,9 @@ def test_datamodule_stdlib(tmp_path):
     assert next(iter(dm.test_dataloader()))["tokens"].shape[1] == 64
     state = dm.state_dict()
     FlowTextDataModule(seq_len=64, max_bytes=SMALL, cache_dir=str(tmp_path)).load_state_dict(state)
-    char = FlowTextDataModule(seq_len=64, max_bytes=SMALL, cache_dir=str(tmp_path),
-                              tokenizer="char")
+    char = FlowTextDataModule(
+        seq_len=64, max_bytes=SMALL, cache_dir=str(tmp_path), tokenizer="char"
+    )
     assert 60 < char.vocab_size < 259 and char.bytes_per_token >= 1.0
     with pytest.raises(DataError, match="mismatch"):
         char.load_state_dict(state)
@@ -353,8 +369,14 @@ def test_datamodule_stdlib(tmp_path):
 
 @pytest.mark.parametrize("name", TASKS)
 def test_datamodule_tasks(name, tmp_path):
-    dm = FlowTextDataModule(name, seq_len=32, batch_size=4, train_samples_per_epoch=8,
-                            eval_samples=6, cache_dir=str(tmp_path))
+    dm = FlowTextDataModule(
+        name,
+        seq_len=32,
+        batch_size=4,
+        train_samples_per_epoch=8,
+        eval_samples=6,
+        cache_dir=str(tmp_path),
+    )
     dm.prepare_data()
     dm.setup("fit")
     batch = next(iter(dm.train_dataloader()))
@@ -366,9 +388,15 @@ def test_datamodule_tasks(name, tmp_path):
 
 def test_datamodule_char_folder(tmp_path):
     folder = _text_folder(tmp_path / "c", n=30)
-    dm = FlowTextDataModule(str(folder), tokenizer="char", seq_len=8, batch_size=2,
-                            cache_dir=str(tmp_path / "cache"), splits=(0.5, 0.25, 0.25),
-                            train_samples_per_epoch=4)
+    dm = FlowTextDataModule(
+        str(folder),
+        tokenizer="char",
+        seq_len=8,
+        batch_size=2,
+        cache_dir=str(tmp_path / "cache"),
+        splits=(0.5, 0.25, 0.25),
+        train_samples_per_epoch=4,
+    )
     dm.prepare_data()
     dm.setup()
     toks = next(iter(dm.train_dataloader()))["tokens"]
@@ -461,19 +489,35 @@ def test_lightning_fit_stores_and_checks_tokenizer(tmp_path):
         def configure_optimizers(self):
             return torch.optim.SGD(self.parameters(), lr=0.1)
 
-    kw = dict(seq_len=16, batch_size=4, max_bytes=SMALL, cache_dir=str(tmp_path / "cache"),
-              train_samples_per_epoch=8, eval_samples=4)
+    kw = dict(
+        seq_len=16,
+        batch_size=4,
+        max_bytes=SMALL,
+        cache_dir=str(tmp_path / "cache"),
+        train_samples_per_epoch=8,
+        eval_samples=4,
+    )
     dm = FlowTextDataModule(**kw)
     model = Tiny(dm.vocab_size)
-    trainer = L.Trainer(max_epochs=2, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path))
+    trainer = L.Trainer(
+        max_epochs=2,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path),
+    )
     trainer.fit(model, datamodule=dm)
     assert len(model.seen) == 4 and not torch.equal(model.seen[0], model.seen[2])
     ckpt = next((tmp_path / "checkpoints").glob("*.ckpt"))
     assert torch.load(ckpt, weights_only=False)["FlowTextDataModule"]["tokenizer"]["kind"] == "byte"
     char = FlowTextDataModule(**kw, tokenizer="char")
-    trainer = L.Trainer(max_epochs=3, logger=False, enable_progress_bar=False,
-                        enable_model_summary=False, default_root_dir=str(tmp_path / "again"))
+    trainer = L.Trainer(
+        max_epochs=3,
+        logger=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        default_root_dir=str(tmp_path / "again"),
+    )
     with pytest.raises(DataError, match="mismatch"):
         trainer.fit(Tiny(dm.vocab_size), datamodule=char, ckpt_path=str(ckpt))
 

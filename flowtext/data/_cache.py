@@ -30,8 +30,13 @@ from flowtext.data._corpora import Corpus
 from flowtext.data._tokenizers import CharTokenizer, Tokenizer
 from flowtext.errors import DataError
 
-__all__ = ["build_char_tokenizer", "default_cache_dir", "open_tokens", "prepare_tokens",
-           "write_atomic"]
+__all__ = [
+    "build_char_tokenizer",
+    "default_cache_dir",
+    "open_tokens",
+    "prepare_tokens",
+    "write_atomic",
+]
 
 FORMAT = 1
 DTYPE = np.uint16
@@ -90,8 +95,9 @@ def _write_json(path: Path, obj: Any) -> None:
     write_atomic(path, [json.dumps(obj, indent=1, sort_keys=True).encode()])
 
 
-def _paths(corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path,
-           max_bytes: int | None) -> tuple[Path, Path]:
+def _paths(
+    corpus: Corpus, tokenizer: Tokenizer, split: str, cache_dir: Path, max_bytes: int | None
+) -> tuple[Path, Path]:
     key = _key(corpus.identity(), tokenizer.state_dict(), split, max_bytes)
     stem = cache_dir / "tokens" / f"{_slug(corpus.describe())}-{split}-{key}"
     return stem.with_suffix(".bin"), stem.with_suffix(".json")
@@ -109,9 +115,13 @@ def _read_meta(bin_path: Path) -> dict[str, Any] | None:
     return meta
 
 
-def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str,
-                   cache_dir: str | os.PathLike[str] | None = None,
-                   max_bytes: int | None = None) -> Path:
+def prepare_tokens(
+    corpus: Corpus,
+    tokenizer: Tokenizer,
+    split: str,
+    cache_dir: str | os.PathLike[str] | None = None,
+    max_bytes: int | None = None,
+) -> Path:
     """Tokenize one split of ``corpus`` into the cache (if not there yet); stream, low memory.
 
     Documents are encoded one at a time, each followed by EOS, and appended to the ``.bin``.
@@ -156,19 +166,29 @@ def prepare_tokens(corpus: Corpus, tokenizer: Tokenizer, split: str,
         bin_path.unlink(missing_ok=True)
         if hasattr(corpus, "check_readable"):
             corpus.check_readable()  # a better message when nothing at all is text
-        raise DataError(f"split {split!r} of corpus {corpus.describe()!r} is empty; add files, "
-                        "raise max_bytes or change the split fractions")
-    meta = {"format": FORMAT, "dtype": np.dtype(DTYPE).name,
-            "n_tokens": nbytes // np.dtype(DTYPE).itemsize, "n_bytes": stats["n_bytes"],
-            "n_documents": len(docs), "documents": docs, "split": split,
-            "max_bytes": max_bytes, "corpus": corpus.identity(),
-            "tokenizer": tokenizer.state_dict()}
+        raise DataError(
+            f"split {split!r} of corpus {corpus.describe()!r} is empty; add files, "
+            "raise max_bytes or change the split fractions"
+        )
+    meta = {
+        "format": FORMAT,
+        "dtype": np.dtype(DTYPE).name,
+        "n_tokens": nbytes // np.dtype(DTYPE).itemsize,
+        "n_bytes": stats["n_bytes"],
+        "n_documents": len(docs),
+        "documents": docs,
+        "split": split,
+        "max_bytes": max_bytes,
+        "corpus": corpus.identity(),
+        "tokenizer": tokenizer.state_dict(),
+    }
     _write_json(meta_path, meta)
     return bin_path
 
 
-def open_tokens(path: str | os.PathLike[str], tokenizer: Tokenizer | None = None
-                ) -> tuple[np.memmap, dict[str, Any]]:
+def open_tokens(
+    path: str | os.PathLike[str], tokenizer: Tokenizer | None = None
+) -> tuple[np.memmap, dict[str, Any]]:
     """Open a prepared token file read-only.
 
     Args:
@@ -184,8 +204,10 @@ def open_tokens(path: str | os.PathLike[str], tokenizer: Tokenizer | None = None
     path = Path(path)
     meta = _read_meta(path)
     if meta is None:
-        raise DataError(f"token cache {path} is missing or incomplete; run prepare_data() "
-                        "(or delete the cache folder to rebuild it)")
+        raise DataError(
+            f"token cache {path} is missing or incomplete; run prepare_data() "
+            "(or delete the cache folder to rebuild it)"
+        )
     if tokenizer is not None:
         tokenizer.check_state(meta["tokenizer"])
     if meta["n_tokens"] == 0:
@@ -193,8 +215,9 @@ def open_tokens(path: str | os.PathLike[str], tokenizer: Tokenizer | None = None
     return np.memmap(path, dtype=DTYPE, mode="r", shape=(meta["n_tokens"],)), meta
 
 
-def build_char_tokenizer(corpus: Corpus, cache_dir: str | os.PathLike[str] | None = None,
-                         max_bytes: int | None = None) -> CharTokenizer:
+def build_char_tokenizer(
+    corpus: Corpus, cache_dir: str | os.PathLike[str] | None = None, max_bytes: int | None = None
+) -> CharTokenizer:
     """The character vocabulary of all splits of ``corpus`` (cached as JSON).
 
     Args:

@@ -27,8 +27,19 @@ from typing import Any, ClassVar
 from flowtext._registry import Registry
 from flowtext.errors import ConfigError, DataError
 
-__all__ = ["SPLITS", "Corpus", "Document", "StdlibCorpus", "TextCorpus", "get", "names",
-           "register", "registry", "resolve_corpus", "split_of"]
+__all__ = [
+    "SPLITS",
+    "Corpus",
+    "Document",
+    "StdlibCorpus",
+    "TextCorpus",
+    "get",
+    "names",
+    "register",
+    "registry",
+    "resolve_corpus",
+    "split_of",
+]
 
 SPLITS = ("train", "val", "test")
 Document = tuple[str, bytes]
@@ -158,8 +169,12 @@ class _FileCorpus(Corpus):
     def identity(self) -> dict[str, Any]:  # noqa: D102
         listing = self._listing()
         digest = hashlib.sha1(repr(listing).encode()).hexdigest()
-        return {"root": str(self.root), "files": len(listing), "listing_sha1": digest,
-                "fractions": list(self.fractions)}
+        return {
+            "root": str(self.root),
+            "files": len(listing),
+            "listing_sha1": digest,
+            "fractions": list(self.fractions),
+        }
 
     def _read(self, path: Path) -> bytes | None:
         """Bytes of a text file; ``None`` (with a warning) for unreadable or binary files."""
@@ -232,8 +247,9 @@ def get(name: str, **kwargs: Any) -> Any:
     return registry.get(name, **kwargs)
 
 
-def resolve_corpus(spec: str, fractions: Sequence[float] = (0.9, 0.05, 0.05), pattern: str = "*",
-                   **options: Any) -> Any:
+def resolve_corpus(
+    spec: str, fractions: Sequence[float] = (0.9, 0.05, 0.05), pattern: str = "*", **options: Any
+) -> Any:
     """A corpus or task from a registry name or a filesystem path.
 
     Names win over paths; anything else that exists on disk is a :class:`TextCorpus`.
@@ -261,8 +277,10 @@ def resolve_corpus(spec: str, fractions: Sequence[float] = (0.9, 0.05, 0.05), pa
             return TextCorpus(path, fractions=fractions, pattern=pattern, **options)
         except TypeError as err:
             raise ConfigError(f"bad arguments for a path corpus: {err}") from err
-    raise ConfigError(f"unknown corpus {spec!r}; valid names: {', '.join(registry.names())}, "
-                      "or the path of a text file or folder")
+    raise ConfigError(
+        f"unknown corpus {spec!r}; valid names: {', '.join(registry.names())}, "
+        "or the path of a text file or folder"
+    )
 
 
 @register("stdlib")
@@ -279,18 +297,22 @@ class StdlibCorpus(_FileCorpus):
         include_tests: Also take the test-suite folders.
     """
 
-    _EXCLUDE: ClassVar[frozenset[str]] = frozenset({"site-packages", "dist-packages",
-                                                   "__pycache__"})
+    _EXCLUDE: ClassVar[frozenset[str]] = frozenset(
+        {"site-packages", "dist-packages", "__pycache__"}
+    )
     _TESTS: ClassVar[frozenset[str]] = frozenset({"test", "tests", "idle_test"})
 
-    def __init__(self, fractions: Sequence[float] = (0.9, 0.05, 0.05),
-                 include_tests: bool = False) -> None:
+    def __init__(
+        self, fractions: Sequence[float] = (0.9, 0.05, 0.05), include_tests: bool = False
+    ) -> None:
         super().__init__(fractions)
         self.include_tests = include_tests
         self.root = Path(sysconfig.get_paths()["stdlib"])
         if not self.root.is_dir():
-            raise DataError(f"the standard library folder {self.root} does not exist; give a "
-                            "corpus path instead of 'stdlib'")
+            raise DataError(
+                f"the standard library folder {self.root} does not exist; give a "
+                "corpus path instead of 'stdlib'"
+            )
 
     def _files(self) -> list[Path]:
         skip = self._EXCLUDE if self.include_tests else self._EXCLUDE | self._TESTS
@@ -301,8 +323,7 @@ class StdlibCorpus(_FileCorpus):
         return out
 
     def identity(self) -> dict[str, Any]:  # noqa: D102
-        return {"python": sys.version, "include_tests": self.include_tests,
-                **super().identity()}
+        return {"python": sys.version, "include_tests": self.include_tests, **super().identity()}
 
 
 class TextCorpus(_FileCorpus):
@@ -326,13 +347,19 @@ class TextCorpus(_FileCorpus):
 
     name = "path"
 
-    def __init__(self, path: str | os.PathLike[str], fractions: Sequence[float] = (0.9, 0.05, 0.05),
-                 pattern: str = "*") -> None:
+    def __init__(
+        self,
+        path: str | os.PathLike[str],
+        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        pattern: str = "*",
+    ) -> None:
         super().__init__(fractions)
         p = Path(path).expanduser()
         if not p.exists():
-            raise DataError(f"corpus path {str(path)!r} does not exist; give an existing text "
-                            "file or folder, or a corpus name")
+            raise DataError(
+                f"corpus path {str(path)!r} does not exist; give an existing text "
+                "file or folder, or a corpus name"
+            )
         self.path = p.resolve()
         self.pattern = pattern
         self.single = self.path.is_file()
@@ -340,8 +367,10 @@ class TextCorpus(_FileCorpus):
         if self.single and self.path.stat().st_size == 0:
             raise DataError(f"corpus file {str(path)!r} is empty; give a file with text")
         if not self.single and not self._files():
-            raise DataError(f"corpus folder {str(path)!r} has no files matching {pattern!r}; "
-                            "put text files there or change the pattern")
+            raise DataError(
+                f"corpus folder {str(path)!r} has no files matching {pattern!r}; "
+                "put text files there or change the pattern"
+            )
 
     def describe(self) -> str:  # noqa: D102
         return self.path.name or "path"
@@ -372,8 +401,9 @@ class TextCorpus(_FileCorpus):
         _check_split(split)
         data = self._read(self.path)
         if data is None:
-            raise DataError(f"corpus file {str(self.path)!r} is binary or unreadable; give a "
-                            "text file")
+            raise DataError(
+                f"corpus file {str(self.path)!r} is binary or unreadable; give a text file"
+            )
         if max_bytes is not None:
             data = _utf8_cut(data, max_bytes)
         n = len(data)

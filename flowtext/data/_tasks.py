@@ -103,11 +103,14 @@ class Task(ABC):
             ex = self._draw(rng)
             if split_of(f"{self.name}:{ex.prompt}", self.fractions) == split:
                 return ex
-        raise DataError(f"task {self.name!r} found no {split!r} problem; the problem space is "
-                        "too small for its split fraction: use larger problems or fractions")
+        raise DataError(
+            f"task {self.name!r} found no {split!r} problem; the problem space is "
+            "too small for its split fraction: use larger problems or fractions"
+        )
 
-    def encode(self, example: TaskExample, tokenizer: Tokenizer,
-               seq_len: int) -> dict[str, torch.Tensor]:
+    def encode(
+        self, example: TaskExample, tokenizer: Tokenizer, seq_len: int
+    ) -> dict[str, torch.Tensor]:
         """Encode ``prompt + answer + EOS``, right-padded with PAD.
 
         Args:
@@ -126,19 +129,21 @@ class Task(ABC):
         answer = tokenizer.encode(example.answer) + [tokenizer.eos_id]
         n = len(prompt) + len(answer)
         if n > seq_len:
-            raise DataError(f"task {self.name!r} example needs {n} tokens but seq_len is "
-                            f"{seq_len}; raise seq_len to at least {self.min_seq_len()}")
+            raise DataError(
+                f"task {self.name!r} example needs {n} tokens but seq_len is "
+                f"{seq_len}; raise seq_len to at least {self.min_seq_len()}"
+            )
         tokens = torch.full((seq_len,), tokenizer.pad_id, dtype=torch.long)
         tokens[:n] = torch.tensor(prompt + answer, dtype=torch.long)
         mask = torch.zeros(seq_len, dtype=torch.bool)
-        mask[len(prompt):n] = True
+        mask[len(prompt) : n] = True
         return {"tokens": tokens, "answer_mask": mask}
 
     def answer_of(self, pred_text: str, example: TaskExample) -> str:
         """The answer part of a prediction (the text after the prompt, or the text itself)."""
         text = pred_text
         if text.startswith(example.prompt):
-            text = text[len(example.prompt):]
+            text = text[len(example.prompt) :]
         elif self.separator in text:
             text = text.split(self.separator, 1)[1]
         return text.strip()
@@ -154,8 +159,9 @@ class Task(ABC):
         """
         return self.answer_of(pred_text, example) == example.answer
 
-    def exact_match_ids(self, ids: Iterable[int], example: TaskExample,
-                        tokenizer: Tokenizer) -> bool:
+    def exact_match_ids(
+        self, ids: Iterable[int], example: TaskExample, tokenizer: Tokenizer
+    ) -> bool:
         """:meth:`exact_match` on token ids ``[L]``, cut at the first EOS."""
         ids = [int(i) for i in (ids.tolist() if hasattr(ids, "tolist") else ids)]
         if tokenizer.eos_id in ids:
@@ -181,8 +187,12 @@ class AdditionTask(Task):
 
     separator = "="
 
-    def __init__(self, digits: int = 3, reverse_answer: bool = False,
-                 fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> None:
+    def __init__(
+        self,
+        digits: int = 3,
+        reverse_answer: bool = False,
+        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+    ) -> None:
         super().__init__(fractions)
         if not isinstance(digits, int) or not 1 <= digits <= 18:
             raise ConfigError(f"addition digits must be an int in [1, 18], got {digits!r}")
@@ -216,9 +226,13 @@ class ReversalTask(Task):
     separator = ">"
     reverse: ClassVar[bool] = True
 
-    def __init__(self, min_len: int = 4, max_len: int = 12,
-                 alphabet: str = string.ascii_lowercase,
-                 fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> None:
+    def __init__(
+        self,
+        min_len: int = 4,
+        max_len: int = 12,
+        alphabet: str = string.ascii_lowercase,
+        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+    ) -> None:
         super().__init__(fractions)
         if not (isinstance(min_len, int) and isinstance(max_len, int) and 1 <= min_len <= max_len):
             raise ConfigError(f"need 1 <= min_len <= max_len, got {min_len!r}, {max_len!r}")

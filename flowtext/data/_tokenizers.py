@@ -295,8 +295,12 @@ class CharTokenizer(Tokenizer):
         return "".join(out)
 
     def state_dict(self) -> dict[str, Any]:  # noqa: D102
-        return {"kind": "char", "vocab_size": self.vocab_size, "chars": self.chars,
-                "bytes_per_token": self.bytes_per_token}
+        return {
+            "kind": "char",
+            "vocab_size": self.vocab_size,
+            "chars": self.chars,
+            "bytes_per_token": self.bytes_per_token,
+        }
 
 
 def _utf8(data: bytes, where: str = "") -> str:
