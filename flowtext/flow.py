@@ -19,7 +19,7 @@ import torch
 from torch import Tensor
 
 from flowtext import schedules as _schedules
-from flowtext.attention.reference import check_times
+from flowtext.visibility import check_times
 from flowtext.errors import ShapeError, TimeRangeError
 from flowtext.schedules import NoiseSchedule
 

@@ -32,7 +32,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from flowtext.attention.reference import LIVE, two_stream_layout
+from flowtext.attention import two_stream_layout
+from flowtext.visibility import LIVE
 from flowtext.errors import ConfigError, ShapeError
 from flowtext.schedules import NoiseSchedule
 

@@ -8,13 +8,13 @@ One entry point, :func:`attention`, takes per-token times and orders and dispatc
 from __future__ import annotations
 
 from flowtext.attention.reference import (
-    LIVE,
     all_visible,
-    check_times,
     sdpa_attention,
     two_stream_layout,
     visibility_mask,
 )
+from flowtext.errors import ConfigError
+from flowtext.visibility import LIVE, check_times
 
 __all__ = [
     "LIVE",
@@ -46,8 +46,6 @@ def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto"):
         Attention output ``[B, H, Lq, D]``.
     """
     if backend not in BACKENDS:
-        from flowtext.errors import ConfigError
-
         raise ConfigError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "triton" or (backend == "auto" and q.is_cuda):
         from flowtext.kernels.visibility_attention import visibility_attention

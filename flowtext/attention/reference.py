@@ -25,26 +25,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-from flowtext.errors import ShapeError, TimeRangeError
-
-LIVE = 2**30
-"""Group id shared by all live tokens during sampling (larger than any commit order)."""
-
-
-def check_times(t: torch.Tensor, name: str = "t") -> None:
-    """Raise :class:`TimeRangeError` unless every entry of ``t`` lies in ``[0, 1]``.
-
-    Args:
-        t: Progression times of any shape.
-        name: Name used in the error message.
-    """
-    if not torch.is_floating_point(t):
-        raise TimeRangeError(f"{name} must be a floating tensor, got dtype {t.dtype}")
-    if t.numel() and (bool(torch.isnan(t).any()) or t.min() < 0 or t.max() > 1):
-        raise TimeRangeError(
-            f"{name} must lie in [0, 1] (0 = committed, 1 = pure noise); got range "
-            f"[{t.min().item():.4g}, {t.max().item():.4g}]"
-        )
+from flowtext.errors import ShapeError
 
 
 def _check_layout(t_q, o_q, t_k, o_k) -> None:

@@ -15,7 +15,7 @@ from torch import Tensor
 from flowtext import policies as _policies
 from flowtext import schedules as _schedules
 from flowtext import solvers as _solvers
-from flowtext.attention.reference import LIVE
+from flowtext.visibility import LIVE
 from flowtext.errors import ConfigError, DataError, ShapeError
 from flowtext.flow import Field
 from flowtext.solvers import posterior

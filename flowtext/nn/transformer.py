@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtext.attention import LIVE, check_times
+from flowtext.visibility import LIVE, check_times
 from flowtext.errors import DataError, ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
