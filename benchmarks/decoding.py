@@ -80,7 +80,7 @@ def score_bpb(net, schedule, prompt: list[int], tokens: list[list[int]], bytes_p
 
 def build(args):
     if args.ckpt:
-        from flowtext.decoding.cli import load_checkpoint
+        from flowtext.checkpoint import load_checkpoint
 
         lm, tok, note = load_checkpoint(args.ckpt)
         prompt = tok.encode(args.prompt)

@@ -112,7 +112,7 @@ def _data_module(hp: dict):
 
 def load_run(name: str, ckpt_dir: Path, dest: Path) -> Run:
     """Load ``ckpt_dir/<name>`` (newest version with a checkpoint; ``final`` before ``last``)."""
-    from flowtext.decoding.cli import load_checkpoint
+    from flowtext.checkpoint import load_checkpoint, read_checkpoint
 
     versions = sorted(
         (ckpt_dir / name).glob("lightning_logs/version_*"),
@@ -134,7 +134,7 @@ def load_run(name: str, ckpt_dir: Path, dest: Path) -> Run:
         )
     vdir, ckpt = found
     lm, tok, _ = load_checkpoint(ckpt)
-    state = torch.load(ckpt, map_location="cpu", weights_only=False)
+    state = read_checkpoint(ckpt)
     dm = _data_module(state.get("datamodule_hyper_parameters") or {})
     dest.mkdir(parents=True, exist_ok=True)
     for f in ("config.yaml", "hparams.yaml"):

@@ -205,10 +205,10 @@ def load_model(args, out: Path):
     from flowtext.data import FlowTextDataModule
 
     if args.ckpt:
-        from flowtext.decoding.cli import load_checkpoint
+        from flowtext.checkpoint import load_checkpoint, read_checkpoint
 
         lm, _, note = load_checkpoint(args.ckpt)
-        state = torch.load(args.ckpt, map_location="cpu", weights_only=False)
+        state = read_checkpoint(args.ckpt)
         dm_hp = dict(state.get("datamodule_hyper_parameters") or {})
         dm_hp.pop("_instantiator", None)
         if not dm_hp:

@@ -30,3 +30,7 @@ class DataError(FlowtextError, ValueError):
 
 class NonFiniteError(FlowtextError, FloatingPointError):
     """A NaN or infinite training loss or gradient; the message names the step and the batch."""
+
+
+class CheckpointError(FlowtextError, ValueError):
+    """A checkpoint that is missing, corrupt, unsafe (it would run code) or does not fit."""

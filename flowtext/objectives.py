@@ -33,9 +33,9 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from flowtext.attention import two_stream_layout
-from flowtext.visibility import LIVE
 from flowtext.errors import ConfigError, ShapeError
 from flowtext.schedules import NoiseSchedule
+from flowtext.visibility import LIVE
 
 __all__ = [
     "LossTerms",

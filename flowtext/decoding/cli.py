@@ -9,32 +9,15 @@ Example::
 from __future__ import annotations
 
 import argparse
-import inspect
 import sys
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from flowtext.errors import ConfigError, DataError, FlowtextError
 
-__all__ = ["RawBytes", "load_checkpoint", "sample_main"]
-
-
-class RawBytes:
-    """Fallback tokenizer for 256-id models: id = byte value, no special tokens."""
-
-    vocab_size = 256
-    eos_id = None
-
-    def encode(self, text: str) -> list[int]:
-        """UTF-8 bytes of ``text``."""
-        return list(text.encode("utf-8"))
-
-    def decode(self, ids: Sequence[int]) -> str:
-        """Text of byte ids (invalid UTF-8 becomes U+FFFD)."""
-        return bytes(int(i) for i in ids if 0 <= int(i) < 256).decode("utf-8", errors="replace")
+__all__ = ["sample_main"]
 
 
 def _parse_value(text: str) -> Any:
@@ -49,61 +32,6 @@ def _parse_value(text: str) -> Any:
         except ValueError:
             pass
     return text
-
-
-def load_checkpoint(path: str | Path, map_location: str = "cpu") -> tuple[Any, Any, str]:
-    """Rebuild a :class:`~flowtext.lm.FlowLM` and its tokenizer from a Lightning checkpoint.
-
-    The module is rebuilt from the checkpoint's ``hyper_parameters`` (Evo, AR and diffusion LMs
-    are configurations of :class:`~flowtext.lm.FlowLM`, so one class reads them all). The
-    tokenizer comes from ``checkpoint["flowtext_tokenizer"]``; without it the byte tokenizer is
-    assumed (``flowtext.data.ByteTokenizer`` for 259 ids, raw bytes for 256).
-
-    Args:
-        path: ``.ckpt`` file.
-        map_location: Device to load onto.
-
-    Returns:
-        ``(module in eval mode, tokenizer, note)``; ``note`` says where the tokenizer came from.
-
-    Raises:
-        ConfigError: Missing file, not a flowtext checkpoint, or a vocabulary that differs from
-            the tokenizer's.
-    """
-    from flowtext.lm import FlowLM
-
-    path = Path(path)
-    if not path.is_file():
-        raise ConfigError(f"checkpoint {str(path)!r} does not exist; pass --ckpt PATH to a .ckpt")
-    ckpt = torch.load(path, map_location=map_location, weights_only=False)
-    if not isinstance(ckpt, dict) or "state_dict" not in ckpt:
-        raise ConfigError(f"{path} is not a Lightning checkpoint (no 'state_dict')")
-    hp = dict(ckpt.get("hyper_parameters") or {})
-    allowed = set(inspect.signature(FlowLM.__init__).parameters) - {"self", "optimizer"}
-    lm = FlowLM(**{k: v for k, v in hp.items() if k in allowed})
-    lm.load_state_dict(ckpt["state_dict"])
-    lm.eval()
-    vocab = lm.net.config.vocab_size
-    state = ckpt.get("flowtext_tokenizer")
-    if state is not None:
-        from flowtext.data import tokenizer_from_state
-
-        tok = tokenizer_from_state(state)
-        note = f"tokenizer from the checkpoint ({type(tok).__name__})"
-    elif vocab == 256:
-        tok, note = RawBytes(), "no tokenizer in the checkpoint: assuming raw bytes (ids 0-255)"
-    else:
-        from flowtext.data import ByteTokenizer
-
-        tok = ByteTokenizer()
-        note = "no tokenizer in the checkpoint: assuming the byte tokenizer (ids 0-255 = bytes)"
-    if tok.vocab_size != vocab:
-        raise ConfigError(
-            f"the checkpoint's model has vocab_size={vocab} but its tokenizer has "
-            f"{tok.vocab_size} ids ({note}); this checkpoint was trained with another vocabulary "
-            "— save the tokenizer state under checkpoint['flowtext_tokenizer']"
-        )
-    return lm, tok, note
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -174,6 +102,8 @@ def _sample(args: argparse.Namespace) -> int:
             kwargs[k.strip().replace("-", "_")] = _parse_value(v.strip())
         if args.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {args.batch}")
+        from flowtext.checkpoint import load_checkpoint  # moves with this CLI to flowtext.sample
+
         lm, tok, note = load_checkpoint(args.ckpt)
         err.print(f"[dim]{note}[/dim]")
         prompt = tok.encode(args.prompt) if args.prompt else []
