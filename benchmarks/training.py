@@ -25,7 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from flowtext import Evo, schedules
-from flowtext.attention import LIVE
+from flowtext.attention import BACKENDS, LIVE
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import two_stream_loss
 
@@ -96,7 +96,7 @@ def main(argv=None):
     p.add_argument(
         "--backend",
         default="sdpa",
-        choices=["sdpa", "triton"],
+        choices=[b for b in BACKENDS if b != "auto"],
         help="attention backend of the FlowTransformer (triton: the fused kernel, CUDA)",
     )
     a = p.parse_args(argv)

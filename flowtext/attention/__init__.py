@@ -7,6 +7,8 @@ One entry point, :func:`attention`, takes per-token times and orders and dispatc
 
 from __future__ import annotations
 
+from typing import Literal, get_args
+
 from flowtext.attention.reference import (
     all_visible,
     sdpa_attention,
@@ -17,7 +19,9 @@ from flowtext.errors import ConfigError
 from flowtext.visibility import LIVE, check_times
 
 __all__ = [
+    "BACKENDS",
     "LIVE",
+    "Backend",
     "all_visible",
     "attention",
     "check_times",
@@ -26,7 +30,9 @@ __all__ = [
     "visibility_mask",
 ]
 
-BACKENDS = ("auto", "sdpa", "triton")
+Backend = Literal["auto", "sdpa", "triton"]
+"""The attention backends: the one list every other place (config, tests) reads."""
+BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
 def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto"):

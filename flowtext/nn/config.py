@@ -3,13 +3,11 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Literal
 
+from flowtext.attention import BACKENDS, Backend
 from flowtext.errors import ConfigError
 
 __all__ = ["FlowTransformerConfig"]
-
-_BACKENDS = ("auto", "sdpa", "triton")
 
 
 @dataclass
@@ -40,7 +38,7 @@ class FlowTransformerConfig:
     """Hidden width of each block's MLP as a multiple of ``d_model``."""
     dropout: float = 0.0
     """Dropout on the input and on each residual branch."""
-    attention_backend: Literal["auto", "sdpa", "triton"] = "auto"
+    attention_backend: Backend = "auto"
     """Attention backend: ``sdpa`` (dense-mask reference), ``triton`` (fused kernel), ``auto``."""
     rope_base: float = 10000.0
     """Base of the rotary position embedding frequencies."""
@@ -70,10 +68,10 @@ class FlowTransformerConfig:
             raise ConfigError(f"mlp_ratio must be positive, got {self.mlp_ratio!r}")
         if not 0.0 <= self.dropout < 1.0:
             raise ConfigError(f"dropout must lie in [0, 1), got {self.dropout!r}")
-        if self.attention_backend not in _BACKENDS:
+        if self.attention_backend not in BACKENDS:
             raise ConfigError(
                 f"unknown attention_backend {self.attention_backend!r}; "
-                f"valid: {', '.join(_BACKENDS)}"
+                f"valid: {', '.join(BACKENDS)}"
             )
         if not self.rope_base > 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base!r}")
