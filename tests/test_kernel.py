@@ -1,10 +1,15 @@
 """T9: the fused Triton visibility-attention kernel equals the dense-mask SDPA reference.
 
+Also: the tile classes (invisible / partial / fully visible) are sound against the dense mask and
+exact on sorted layouts, the fully visible fast path agrees with the reference, and tile summaries
+can be reused across calls.
+
 Without CUDA the kernel runs in Triton's CPU interpreter. Triton reads ``TRITON_INTERPRET`` when a
 ``@triton.jit`` function is *defined*, i.e. when :mod:`flowtext.kernels.visibility_attention` is
-imported, so this module sets it before importing the kernel (and reloads the kernel module if
-another test in the same worker imported it first without the interpreter). With CUDA the same
-tests run natively on the GPU.
+imported, so this module sets it before importing the kernel (and imports the kernel package
+afresh if another test in the same worker imported it first without the interpreter). With CUDA
+the same tests run natively on the GPU (``FLOWTEXT_TRITON_SINGLE_CONFIG=1`` keeps them off
+autotuning, as ``benchmarks/gpu.sh`` does).
 """
 
 import importlib
@@ -33,11 +38,12 @@ from flowtext.attention import (  # noqa: E402
 from flowtext.errors import ConfigError, ShapeError, TimeRangeError  # noqa: E402
 
 _NAME = "flowtext.kernels.visibility_attention"
-if _NAME in sys.modules and not ON_GPU and not sys.modules[_NAME]._INTERPRETED:
-    importlib.reload(sys.modules[_NAME])
-    importlib.reload(sys.modules["flowtext.kernels"])
+if _NAME in sys.modules and not ON_GPU and not sys.modules[f"{_NAME}._launch"].INTERPRETED:
+    # Imported without the interpreter by an earlier test: import the whole package afresh.
+    for name in [m for m in sys.modules if m.startswith("flowtext.kernels")]:
+        del sys.modules[name]
 K = importlib.import_module(_NAME)
-assert ON_GPU or K._INTERPRETED
+assert ON_GPU or K._launch.INTERPRETED
 
 DEVICE = "cuda" if ON_GPU else "cpu"
 DTYPES = [torch.float32, torch.float16, torch.bfloat16]
@@ -276,14 +282,17 @@ def test_effective_mask_equals_reference_and_rules_are_sensitive():
 # ---------------------------------------------------------------------------------------------
 
 
-def visited_tiles(t, o, tiles):
+def tile_counts(t, o, tiles):
+    """(visited, fully visible) key tiles of every query tile of the forward pass."""
     b, length = t.shape
+    t, o = t.to(DEVICE), o.to(DEVICE)
     q = torch.zeros(b, 1, length, 32, device=DEVICE)
-    tq, tk = t.to(DEVICE, torch.float32), t.to(DEVICE, torch.float32)
-    oq = o.to(DEVICE, torch.int32)
-    args = (tq, oq, tk, oq, K._summaries(tq, oq, query=True), K._summaries(tk, oq, query=False))
-    _, _, count = K._forward(q, q, q, *args, tiles, count_tiles=True)
-    return count.view(b, -1)
+    _, _, count = K._launch.forward(q, q, q, K.tile_summaries(t, o, t, o), tiles, count_tiles=True)
+    return count[..., 0].view(b, -1), count[..., 1].view(b, -1)
+
+
+def visited_tiles(t, o, tiles):
+    return tile_counts(t, o, tiles)[0]
 
 
 def dense_tiles(mask, tiles):
@@ -317,6 +326,157 @@ def test_tile_skipping_is_conservative_and_skips_sorted_layouts(tiles):
         )
         counts = visited_tiles(t, o, tiles)
         assert (counts >= dense_tiles(visibility_mask(t, o, t, o), tiles).to(counts.device)).all()
+
+
+def ideal_classes(mask, block_m, block_n):
+    """Per tile of a dense mask: 0 no visible pair, 2 every (existing) pair visible, else 1."""
+    b, lq, lk = mask.shape
+    pq, pk = -lq % block_m, -lk % block_n
+    pad = (0, pk, 0, pq)
+    seen = torch.nn.functional.pad(mask, pad).view(b, -1, block_m, (lk + pk) // block_n, block_n)
+    exists = torch.nn.functional.pad(torch.ones_like(mask), pad).view(seen.shape)
+    anyv = seen.any(4).any(2)
+    allv = (seen | ~exists).all(4).all(2)
+    return torch.where(allv & anyv, 2, anyv.int()).to(torch.int8)
+
+
+def layouts(gen, length):
+    """Named (t, o, lq) layouts: dense, causal, block-causal, two-stream, Evo, cached decoding."""
+    half = length // 2
+    two_t, two_o = two_stream(gen, 1, half, 16)
+    two_t[two_t == 1.0] = 0.5  # every noisy token informative: noisy blocks fully visible
+    evo_t, evo_o = single_stream(
+        gen, 1, length, p_committed=0.5, p_one=0.1, n_orders=8, live_groups=False
+    )
+    dec_t = torch.zeros(1, length)
+    dec_t[:, -16:] = 0.5
+    dec_o = torch.where(dec_t == 0, torch.arange(length), LIVE)
+    return {
+        "dense": (torch.full((1, length), 0.5), torch.zeros(1, length, dtype=torch.long), length),
+        "causal": (torch.zeros(1, length), torch.arange(length)[None], length),
+        "block-causal": (torch.zeros(1, length), torch.arange(length)[None] // 32, length),
+        "two-stream": (two_t, two_o, 2 * half),
+        "evo": (evo_t, evo_o, length),
+        "decode": (dec_t, dec_o, 16),
+    }
+
+
+@pytest.mark.parametrize("tiles", TILES, ids=lambda c: f"{c.block_m}x{c.block_n}")
+def test_tile_classes_exact_on_sorted_layouts(tiles):
+    """Block-aligned sorted layouts: the kernel's classes equal the dense mask's, tile by tile."""
+    gen = torch.Generator().manual_seed(10)
+    for name, (t, o, lq) in layouts(gen, 64).items():
+        if name == "evo":
+            continue
+        t, o = t.to(DEVICE), o.to(DEVICE)
+        args = (t[:, -lq:], o[:, -lq:], t, o)
+        got = K.tile_summaries(*args).classes(tiles.block_m, tiles.block_n)
+        ideal = ideal_classes(visibility_mask(*args), tiles.block_m, tiles.block_n)
+        assert torch.equal(got, ideal), name
+        if name in ("dense", "causal", "two-stream", "decode"):
+            assert (got == 2).any(), name  # the fast path is exercised
+
+
+@settings(max_examples=15, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    lk=st.integers(1, 70),
+    lq_frac=st.floats(0.0, 1.0),
+    p_committed=st.floats(0.0, 1.0),
+    p_one=st.floats(0.0, 0.3),
+    n_orders=st.integers(1, 4),
+    live_groups=st.booleans(),
+    sorted_orders=st.booleans(),
+    tiles=st.sampled_from(TILES),
+)
+def test_tile_classes_are_sound(
+    seed, lk, lq_frac, p_committed, p_one, n_orders, live_groups, sorted_orders, tiles
+):
+    """Fully visible: every existing pair visible; invisible: no visible pair (any layout)."""
+    gen = torch.Generator().manual_seed(seed)
+    lq = max(1, round(lq_frac * lk))
+    t, o = single_stream(
+        gen, 2, lk, p_committed=p_committed, p_one=p_one, n_orders=n_orders, live_groups=live_groups
+    )
+    if sorted_orders:  # runs of equal orders, as in block layouts: more tiles are fully visible
+        o = o.sort(dim=1).values
+    t, o = t.to(DEVICE), o.to(DEVICE)
+    args = (t[:, -lq:], o[:, -lq:], t, o)
+    got = K.tile_summaries(*args).classes(tiles.block_m, tiles.block_n)
+    ideal = ideal_classes(visibility_mask(*args), tiles.block_m, tiles.block_n)
+    assert not ((got == 2) & (ideal != 2)).any(), "a tile classified fully visible is not"
+    assert not ((got == 0) & (ideal != 0)).any(), "a tile classified invisible has a visible pair"
+
+
+@pytest.mark.parametrize("name", ["dense", "causal", "two-stream", "decode", "evo"])
+def test_fast_path_and_partial_path_match_reference(name):
+    """Layouts whose tiles are fully visible, partial or both: outputs and gradients agree."""
+    gen = torch.Generator().manual_seed(11)
+    tiles = K.TileConfig(16, 16)
+    t, o, lq = layouts(gen, 48)[name]
+    visited, full = tile_counts(t[:, -lq:], o[:, -lq:], tiles) if lq == t.shape[1] else (None, None)
+    if name == "dense":
+        assert torch.equal(full, visited) and visited.min() == 3  # every tile on the fast path
+    elif name in ("causal", "two-stream"):
+        assert 0 < full.sum() < visited.sum()  # both paths in one call
+    q, k, v = qkv(gen, 1, 2, lq, t.shape[1], 32, torch.float32)
+    worst = check_against_reference(q, k, v, t, o, lq, tiles)
+    assert max(worst.values()) < 1e-4
+
+
+def test_summaries_are_reusable_and_checked():
+    """One TileSummaries serves several calls (layers); a mismatched or stale one is refused."""
+    gen = torch.Generator().manual_seed(12)
+    t, o = two_stream(gen, 2, 12, 4)
+    t, o = t.to(DEVICE), o.to(DEVICE)
+    q, k, v = (x.detach() for x in qkv(gen, 2, 2, 24, 24, 32, torch.float32))
+    summaries = K.tile_summaries(t, o, t, o)
+    for x in (q, 2 * q):  # two "layers" with the same token vectors
+        fresh = K.visibility_attention(x, k, v, t, o, t, o, single_config=True)
+        again = K.visibility_attention(x, k, v, t, o, t, o, single_config=True, summaries=summaries)
+        assert torch.equal(fresh, again)
+    via_dispatch = attention(q, k, v, t, o, t, o, backend="triton", summaries=summaries)
+    assert torch.equal(via_dispatch, K.visibility_attention(q, k, v, t, o, t, o))
+    with pytest.raises(ConfigError, match="tile_summaries"):
+        K.visibility_attention(q, k, v, t, o, t, o.clone(), summaries=summaries)
+    o.add_(0)  # an in-place change bumps the version: the summaries are stale
+    with pytest.raises(ConfigError, match="tile_summaries"):
+        K.visibility_attention(q, k, v, t, o, t, o, summaries=summaries)
+    with pytest.raises(ConfigError, match="TileSummaries"):
+        K.visibility_attention(q, k, v, t, o, t, o, summaries="yes")
+
+
+def test_pattern_key_separates_layouts():
+    """The autotuning key tells dense, causal-like and decoding layouts apart."""
+    gen = torch.Generator().manual_seed(13)
+    keys = {}
+    for name, (t, o, lq) in layouts(gen, 256).items():
+        t, o = t.to(DEVICE), o.to(DEVICE)
+        keys[name] = K.tile_summaries(t[:, -lq:], o[:, -lq:], t, o).pattern
+    assert all(0 <= key < 16 for key in keys.values())
+    assert keys["dense"] == 4 * 3 + 3  # every tile visible, all fully
+    assert len({keys["dense"], keys["causal"], keys["two-stream"], keys["evo"]}) == 4, keys
+
+
+def test_single_config_resolution(monkeypatch):
+    """The environment variable and ``single_config=True`` mean the default TileConfig natively."""
+    monkeypatch.setattr(K._launch, "INTERPRETED", False)
+    monkeypatch.delenv("FLOWTEXT_TRITON_SINGLE_CONFIG", raising=False)
+    assert K._launch.resolve_tiles(False) is None  # autotune
+    assert K._launch.resolve_tiles(True) == K.TileConfig()
+    monkeypatch.setenv("FLOWTEXT_TRITON_SINGLE_CONFIG", "1")
+    assert K._launch.resolve_tiles(False) == K.TileConfig()
+    custom = K.TileConfig(32, 16)
+    assert K._launch.resolve_tiles(custom) is custom
+
+
+def test_default_tile_config_run():
+    """One run with the default (GPU) tiles, 64 x 64, on a layout with all three tile classes."""
+    gen = torch.Generator().manual_seed(14)
+    t, o = two_stream(gen, 1, 80, 32)
+    q, k, v = qkv(gen, 1, 1, 160, 160, 32, torch.float32)
+    worst = check_against_reference(q, k, v, t, o, 160, K.TileConfig())
+    assert max(worst.values()) < 1e-4
 
 
 class _RecordNumel(TorchDispatchMode):

@@ -35,7 +35,7 @@ Backend = Literal["auto", "sdpa", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
-def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto"):
+def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=None):
     """Visibility-masked attention, ``[B, H, Lq, D]`` from queries/keys/values and token vectors.
 
     Args:
@@ -47,6 +47,8 @@ def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto"):
         t_k: Key times ``[B, Lk]``.
         o_k: Key orders ``[B, Lk]``.
         backend: ``"auto"``, ``"sdpa"`` or ``"triton"``.
+        summaries: Optional :func:`flowtext.kernels.tile_summaries` of these token vectors,
+            reused by the kernel across layers (ignored by SDPA).
 
     Returns:
         Attention output ``[B, H, Lq, D]``.
@@ -54,7 +56,7 @@ def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto"):
     if backend not in BACKENDS:
         raise ConfigError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
     if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from flowtext.kernels.visibility_attention import visibility_attention
+        from flowtext.kernels import visibility_attention  # imports Triton only when used
 
-        return visibility_attention(q, k, v, t_q, o_q, t_k, o_k)
+        return visibility_attention(q, k, v, t_q, o_q, t_k, o_k, summaries=summaries)
     return sdpa_attention(q, k, v, t_q, o_q, t_k, o_k)
