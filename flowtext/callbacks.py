@@ -1,13 +1,26 @@
-"""Lightning callbacks: print samples-so-far and bits per byte at every validation."""
+"""Lightning callbacks of the training CLI.
+
+* :class:`SampleCallback`: print a sample and the validation bits per byte at every validation.
+* :class:`OptimizerOverrides`: on resume, this run's optimizer hyper-parameters (learning rate,
+  weight decay, ...) win over the restored optimizer and scheduler state, logged.
+* :class:`SaveOnSigterm`: on SIGTERM, save ``last.ckpt`` before Lightning stops the run.
+* :class:`ProgressBar`: the rich progress bar, without ``Epoch 0/-2`` for step-bounded runs.
+"""
 
 from __future__ import annotations
 
+from pathlib import Path
+from typing import Any
+
 import lightning as L
 import torch
-from rich.console import Console
+from lightning.pytorch.callbacks import ModelCheckpoint, RichProgressBar
+from lightning.pytorch.utilities import rank_zero_info
+from rich.console import Console, Group
 from rich.panel import Panel
+from rich.text import Text
 
-__all__ = ["SampleCallback"]
+__all__ = ["OptimizerOverrides", "ProgressBar", "SampleCallback", "SaveOnSigterm"]
 
 
 class SampleCallback(L.Callback):
@@ -68,11 +81,108 @@ class SampleCallback(L.Callback):
             if k.startswith("val/")
         )
         text = self.prompt + (out.text[0] if out.text else "")
-        self.console.print(
-            Panel(
-                text,
-                title=f"step {trainer.global_step}: sample ({self.policy})",
-                subtitle=f"validation bits/byte: {scores}",
-                expand=False,
-            )
+        body = Group(  # Text: a sample is never read as rich markup
+            Text(text), Text(f"validation bits/byte: {scores}", style="dim")
         )
+        title = f"step {trainer.global_step}: sample ({self.policy})"
+        self.console.print(Panel(body, title=title, title_align="left", expand=False))
+
+
+class ProgressBar(RichProgressBar):
+    """The rich progress bar, reading ``Epoch N`` when no epoch limit is set.
+
+    Lightning's bar shows ``Epoch N/-2`` for ``max_epochs=-1`` (runs bounded by steps or time).
+    """
+
+    def _get_train_description(self, current_epoch: int) -> str:  # overrides a private hook
+        epochs = self.trainer.max_epochs
+        text = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs and epochs > 0 else "")
+        return f"{text:{len(self.validation_description)}}"
+
+
+_HYPER = (int, float)
+
+
+def _is_hyper(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, (tuple, list)):
+        return bool(value) and all(_is_hyper(v) for v in value)
+    return isinstance(value, _HYPER)
+
+
+class OptimizerOverrides(L.Callback):
+    """Make this run's optimizer hyper-parameters win over a restored optimizer state.
+
+    Resuming restores each optimizer's ``param_groups`` (and the scheduler's ``base_lrs``)
+    from the checkpoint, so ``--ckpt_path last --model.init_args.optimizer.init_args.lr 1e-4``
+    would keep the old rate. At the start of training this callback builds the configured
+    optimizer afresh (``pl_module.optimizer_factory``, on a dummy parameter), and every
+    numeric hyper-parameter that differs from the restored one (``lr``, ``weight_decay``,
+    ``betas``, ``eps``, ...) is set in the restored optimizer and logged. A learning rate goes
+    into the scheduler's base rate, and the current rate keeps the schedule's factor.
+    """
+
+    def on_train_start(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
+        factory = getattr(pl_module, "optimizer_factory", None)
+        if trainer.ckpt_path is None or factory is None or len(trainer.optimizers) != 1:
+            return
+        wanted = factory([torch.nn.Parameter(torch.zeros(1))]).defaults
+        opt = trainer.optimizers[0]
+        scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
+        for key, new in wanted.items():
+            if _is_hyper(new):
+                self._apply(opt, scheds, key, new)
+
+    @staticmethod
+    def _apply(opt: torch.optim.Optimizer, scheds: list, key: str, new: Any) -> None:
+        for i, group in enumerate(opt.param_groups):
+            old = group.get("initial_lr", group.get("lr")) if key == "lr" else group.get(key)
+            if old is None or list(map(float, _flat(old))) == list(map(float, _flat(new))):
+                continue
+            if key == "lr":
+                factor = group["lr"] / old if old else 1.0
+                group["initial_lr"], group["lr"] = new, new * factor
+                for sched in scheds:
+                    if hasattr(sched, "base_lrs"):
+                        sched.base_lrs[i] = new
+            else:
+                group[key] = type(old)(new) if isinstance(old, (tuple, list)) else new
+            rank_zero_info(
+                f"resume: optimizer {key} = {new} from this run's config "
+                f"(the checkpoint had {old}; the restored state is overridden)"
+            )
+
+
+def _flat(value: Any) -> list:
+    return list(value) if isinstance(value, (tuple, list)) else [value]
+
+
+class SaveOnSigterm(L.Callback):
+    """On SIGTERM, write ``last.ckpt`` at the end of the current batch, before Lightning stops.
+
+    Lightning notices a SIGTERM (what schedulers send before killing a job) after the current
+    batch and raises :class:`~lightning.pytorch.utilities.exceptions.SIGTERMException`, which
+    ``flowtext fit`` turns into exit code 143. This callback saves ``last.ckpt`` first, at an
+    optimizer-step boundary and on a single process; otherwise (mid gradient accumulation,
+    several ranks) the last periodic ``last.ckpt`` is kept, intact.
+    """
+
+    def __init__(self) -> None:
+        self.saved: Path | None = None
+
+    def on_train_batch_end(self, trainer: L.Trainer, *args: Any) -> None:  # noqa: D102
+        if not trainer.received_sigterm or self.saved is not None or trainer.world_size != 1:
+            return
+        progress = trainer.fit_loop.epoch_loop.batch_progress
+        if progress.current.ready % trainer.accumulate_grad_batches and not progress.is_last_batch:
+            return
+        targets = {
+            Path(cb.dirpath) / f"{cb.CHECKPOINT_NAME_LAST}{cb.FILE_EXTENSION}"
+            for cb in trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
+        }
+        for path in sorted(targets):
+            trainer.save_checkpoint(path)
+            self.saved = path
+            rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")

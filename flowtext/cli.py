@@ -53,6 +53,34 @@ def _demo(argv: Sequence[str]) -> int:
     return 0
 
 
+SIGTERM_EXIT = 128 + 15
+"""Exit code of a run stopped by SIGTERM (as a shell reports a process killed by it)."""
+
+
+def _lightning(argv: Sequence[str] | None) -> int:
+    from lightning.fabric.utilities.exceptions import MisconfigurationException
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from flowtext.errors import FlowtextError
+    from flowtext.training import cli_main
+
+    try:
+        cli_main(argv)
+    except SIGTERMException:
+        print(
+            "error: stopped by SIGTERM; last.ckpt holds the last saved step: resume with "
+            "--ckpt_path last",
+            file=sys.stderr,
+        )
+        return SIGTERM_EXIT
+    except (FlowtextError, MisconfigurationException, OSError) as e:
+        # a bad config, corpus, checkpoint, full disk or numeric blow-up: one line, no traceback
+        text = " ".join(str(e).split())
+        print(f"error: {type(e).__name__}: {text}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the ``flowtext`` command.
 
@@ -71,22 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return run_main(argv[1:])
     if argv and argv[0] == "sample":
-        from flowtext.decoding.cli import sample_main
+        from flowtext.sample import sample_main
 
         return sample_main(argv[1:])
     if argv and argv[0] in LIGHTNING_COMMANDS:
-        from lightning.fabric.utilities.exceptions import MisconfigurationException
-
-        from flowtext.errors import FlowtextError
-        from flowtext.training import cli_main
-
-        try:
-            cli_main(argv if explicit else None)
-        except (FlowtextError, MisconfigurationException) as e:
-            # a bad config, corpus or numeric blow-up: one line naming the fix, no traceback
-            print(f"error: {type(e).__name__}: {e}", file=sys.stderr)
-            return 2
-        return 0
+        return _lightning(argv if explicit else None)
     print(
         "usage: flowtext {run,demo,fit,validate,test,sample} ...\n"
         "  run        the main job: toy demo, train evo-tiny, decode under every policy\n"

@@ -20,6 +20,7 @@ from pathlib import Path
 import torch
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 __all__ = ["DECODE_POLICIES", "decode_report", "run_main"]
 
@@ -98,8 +99,13 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             training CLI (e.g. ``--trainer.max_time=00:00:02:00``).
 
     Returns:
-        Exit code.
+        Exit code: 0, 2 on bad input (one line naming the fix, before training where it can
+        be known then, e.g. a prompt longer than the model's context), 143 after SIGTERM.
     """
+    from lightning.pytorch.utilities.exceptions import SIGTERMException
+
+    from flowtext.errors import FlowtextError
+
     parser = argparse.ArgumentParser(
         prog="flowtext run",
         description=__doc__,
@@ -110,12 +116,43 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--prompt", default="def ", help="prompt of the final samples")
     args, overrides = parser.parse_known_args(argv)
     console = Console()
-    out = Path(args.out)
     if not Path(args.config).is_file():
         console.print(f"[red]config {args.config} not found[/red]; pass --config PATH")
         return 2
-    t0 = time.perf_counter()
+    try:
+        _run(args, overrides, console)
+    except SIGTERMException:
+        Console(stderr=True).print("[red]error:[/red] stopped by SIGTERM")
+        return 143
+    except (FlowtextError, OSError) as e:
+        text = " ".join(str(e).split())
+        Console(stderr=True).print(f"[red]error:[/red] {type(e).__name__}: {text}", markup=True)
+        return 2
+    return 0
 
+
+def _build(args: argparse.Namespace, overrides: list[str], out: Path):  # noqa: ANN202
+    """Build the training CLI and check the final prompt against the model, before any work."""
+    from flowtext.errors import ConfigError
+    from flowtext.training import cli_main
+
+    cli = cli_main(
+        ["--config", args.config, f"--trainer.default_root_dir={out / 'train'}", *overrides],
+        run=False,
+    )
+    n, context = len(cli.datamodule.tokenizer.encode(args.prompt)), cli.model.net.config.max_len
+    if n >= context:
+        raise ConfigError(
+            f"--prompt is {n} tokens but the model's context is net.max_len={context} tokens, "
+            f"which leaves no room to generate; use a prompt of at most {context - 1} tokens"
+        )
+    return cli
+
+
+def _run(args: argparse.Namespace, overrides: list[str], console: Console) -> None:
+    out = Path(args.out)
+    t0 = time.perf_counter()
+    cli = _build(args, overrides, out)  # config, corpus and prompt errors surface here
     console.rule("1/3 component library: the exact Gaussian toy")
     from flowtext.demo import observed_orders, toy_report
 
@@ -128,16 +165,21 @@ def run_main(argv: Sequence[str] | None = None) -> int:
     )
 
     console.rule("2/3 train Evo on the default corpus")
-    from flowtext.training import cli_main
-
-    cli = cli_main(
-        ["fit", "--config", args.config, f"--trainer.default_root_dir={out / 'train'}", *overrides]
-    )
+    cli.trainer.fit(cli.model, datamodule=cli.datamodule)
     model, dm = cli.model, cli.datamodule
     val = {k: float(v) for k, v in cli.trainer.callback_metrics.items() if k.startswith("val/")}
 
     console.rule("3/3 decode under every policy")
     rows = decode_report(model, dm.tokenizer, out / "decode", prompt=args.prompt)
+    _print_tables(console, rows, val)
+    summary = out / "summary.md"
+    _write_summary(
+        summary, args.config, time.perf_counter() - t0, cli.trainer.global_step, val, rows
+    )
+    console.print(f"figures, logs, checkpoints and [bold]{summary}[/bold] written under {out}")
+
+
+def _print_tables(console: Console, rows: list[dict], val: dict[str, float]) -> None:
     table = Table(title="samples from the trained Evo")
     for col in ("policy", "NFE", "tokens/NFE", "tokens/s", "sample"):
         table.add_column(col, overflow="fold")
@@ -147,7 +189,7 @@ def run_main(argv: Sequence[str] | None = None) -> int:
             str(r["nfe"]),
             f"{r['tokens_per_nfe']:.2f}",
             f"{r['tokens_per_s']:.0f}",
-            r["text"],
+            Text(r["text"]),  # a sample is not rich markup
         )
     console.print(table)
     bpb = Table(title="validation bits per byte")
@@ -157,13 +199,16 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         bpb.add_row(k.removeprefix("val/bpb_"), f"{v:.3f}")
     console.print(bpb)
 
-    summary = out / "summary.md"
+
+def _write_summary(
+    summary: Path, config: str, wall: float, steps: int, val: dict[str, float], rows: list[dict]
+) -> None:
     lines = [
         "# flowtext run",
         "",
-        f"config: `{args.config}`",
-        f"wall time: {time.perf_counter() - t0:.0f} s",
-        f"training steps: {cli.trainer.global_step}",
+        f"config: `{config}`",
+        f"wall time: {wall:.0f} s",
+        f"training steps: {steps}",
         "",
         "| validation policy | bits/byte |",
         "| --- | --- |",
@@ -180,5 +225,3 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         "`decode/maturity_*.png`; logs and checkpoints: `train/`.",
     ]
     summary.write_text("\n".join(lines) + "\n")
-    console.print(f"figures, logs, checkpoints and [bold]{summary}[/bold] written under {out}")
-    return 0

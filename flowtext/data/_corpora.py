@@ -49,13 +49,18 @@ _SNIFF = 8192
 
 
 def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
-    """Validate split fractions ``(train, val, test)``: three non-negative numbers summing to 1.
+    """Validate split fractions ``(train, val, test)``: three numbers in ``[0, 1]`` summing to 1.
+
+    NaN fails every comparison, so it is refused explicitly (``0 <= f <= 1``).
 
     Raises:
         ConfigError: Otherwise.
     """
-    fr = tuple(float(f) for f in fractions)
-    if len(fr) != 3 or min(fr) < 0 or abs(sum(fr) - 1.0) > 1e-6:
+    try:
+        fr = tuple(float(f) for f in fractions)
+    except (TypeError, ValueError):
+        fr = ()
+    if len(fr) != 3 or not all(0.0 <= f <= 1.0 for f in fr) or abs(sum(fr) - 1.0) > 1e-6:
         raise ConfigError(
             f"split fractions must be three non-negative numbers (train, val, test) summing to "
             f"1, got {tuple(fractions)!r}"

@@ -180,7 +180,9 @@ class TokenWindows(Dataset):
     Raises:
         DataError: ``seq_len < 2`` or fewer tokens than one window.
 
-    Items are ``{"tokens": LongTensor[L]}``.
+    Items are ``{"tokens": LongTensor[L]}``; training items also carry ``"index"`` (the
+    item's ``idx``, a global sample number that keys its noise, see
+    :meth:`flowtext.lm.FlowLM.batch_generators`).
     """
 
     def __init__(
@@ -247,7 +249,10 @@ class TokenWindows(Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         s = self.start(idx)
         window = np.asarray(self.tokens[s : s + self.seq_len], dtype=np.int64)
-        return {"tokens": torch.from_numpy(window)}
+        item = {"tokens": torch.from_numpy(window)}
+        if self.train:
+            item["index"] = torch.tensor(int(idx))
+        return item
 
 
 class TaskDataset(Dataset):
@@ -262,7 +267,8 @@ class TaskDataset(Dataset):
             :class:`EpochSampler`).
         seed: Generator seed.
 
-    Items are ``{"tokens": LongTensor[L], "answer_mask": BoolTensor[L]}``.
+    Items are ``{"tokens": LongTensor[L], "answer_mask": BoolTensor[L]}``, plus ``"index"``
+    (``idx``, the global sample number) in the training split.
 
     Raises:
         DataError: ``seq_len`` too short for the task.
@@ -298,7 +304,10 @@ class TaskDataset(Dataset):
     def __getitem__(self, idx: int) -> dict[str, torch.Tensor]:
         if idx < 0:
             raise IndexError(idx)
-        return self.task.encode(self.example(idx), self.tokenizer, self.seq_len)
+        item = self.task.encode(self.example(idx), self.tokenizer, self.seq_len)
+        if self.split == "train":
+            item["index"] = torch.tensor(int(idx))
+        return item
 
 
 def _check_seq_len(seq_len: int) -> None:

@@ -93,7 +93,9 @@ class FlowTextDataModule(L.LightningDataModule):
             raise ConfigError(f"max_bytes must be positive or None, got {max_bytes!r}")
         if eval_samples is not None and eval_samples < 1:
             raise ConfigError(f"eval_samples must be positive or None, got {eval_samples!r}")
-        self.save_hyperparameters()
+        # saved in checkpoints, not logged: the logger merges module and data hyper-parameters
+        # and refuses keys both have with different values (``seed``); config.yaml keeps them
+        self.save_hyperparameters(logger=False)
         self.corpus_name = corpus
         self.tokenizer_name = tokenizer
         self.seq_len = seq_len

@@ -92,12 +92,18 @@ class Tokenizer(ABC):
         """Encode text.
 
         Args:
-            text: Any string.
+            text: Any string. Undecodable bytes that Python kept as lone surrogates (a
+                non-UTF-8 command-line argument, ``surrogateescape``) are encoded as the raw
+                bytes they stand for.
 
         Returns:
             Ids ``[n]``; no special tokens are added.
+
+        Raises:
+            DataError: ``text`` is not a string.
         """
-        return self.encode_bytes(text.encode("utf-8")).tolist()
+        _check_text(text)
+        return self.encode_bytes(text.encode("utf-8", errors="surrogateescape")).tolist()
 
     def count_bytes(self, ids: Iterable[int]) -> int:
         """UTF-8 bytes that ``ids`` stand for (special ids count 0), for exact bits per byte."""
@@ -114,7 +120,8 @@ class Tokenizer(ABC):
         if state != mine:
             raise DataError(
                 f"tokenizer mismatch: checkpoint/cache has {_summary(state)}, the data uses "
-                f"{_summary(mine)}; use the same tokenizer (and corpus, for 'char') as in training"
+                f"{_summary(mine)}{_difference(state, mine)}; use the same tokenizer (and corpus, "
+                "for 'char') as in training"
             )
 
     def __eq__(self, other: object) -> bool:
@@ -132,6 +139,30 @@ def _summary(state: dict[str, Any]) -> str:
     if kind == "char":
         return f"a char vocabulary of {len(state.get('chars', ''))} characters"
     return f"a {kind!r} tokenizer"
+
+
+def _difference(theirs: dict[str, Any], mine: dict[str, Any]) -> str:
+    """How two char vocabularies differ, when their sizes alone do not tell."""
+    if theirs.get("kind") != "char" or mine.get("kind") != "char":
+        return ""
+    a, b = str(theirs.get("chars", "")), str(mine.get("chars", ""))
+    only_a, only_b = sorted(set(a) - set(b))[:5], sorted(set(b) - set(a))[:5]
+    parts = [f"only in the checkpoint/cache: {only_a!r}"] if only_a else []
+    parts += [f"only in the data: {only_b!r}"] if only_b else []
+    if not parts and a != b:
+        parts = ["the same characters in another order"]
+    if not parts:
+        parts = [
+            f"bytes_per_token {theirs.get('bytes_per_token')} vs {mine.get('bytes_per_token')}"
+        ]
+    return " (" + "; ".join(parts) + ")"
+
+
+def _check_text(text: object) -> None:
+    if not isinstance(text, str):
+        raise DataError(
+            f"encode takes text (str), got {type(text).__name__}; decode bytes first or pass ids"
+        )
 
 
 def _ids_array(ids: Iterable[int]) -> np.ndarray:
@@ -265,6 +296,7 @@ class CharTokenizer(Tokenizer):
         return self._encode_str(_utf8(bytes(data), where))
 
     def encode(self, text: str) -> list[int]:  # noqa: D102
+        _check_text(text)
         return self._encode_str(text).tolist()
 
     def _encode_str(self, text: str) -> np.ndarray:
