@@ -7,6 +7,7 @@ from typing import Any
 import lightning as L
 from torch.utils.data import DataLoader
 
+from flowtext.data import _hf
 from flowtext.data._cache import build_char_tokenizer, prepare_tokens
 from flowtext.data._corpora import SPLITS, Corpus, check_fractions, resolve_corpus
 from flowtext.data._datasets import (
@@ -22,7 +23,7 @@ from flowtext.errors import ConfigError, DataError
 
 __all__ = ["TOKENIZERS", "FlowTextDataModule"]
 
-TOKENIZERS = ("byte", "char")
+TOKENIZERS = ("byte", "char", "bpe")
 
 
 class FlowTextDataModule(L.LightningDataModule):
@@ -36,9 +37,12 @@ class FlowTextDataModule(L.LightningDataModule):
     Args:
         corpus: A registered name (``"stdlib"``: the Python standard library, the default;
             ``"addition"``, ``"reverse"``, ``"copy"``: synthetic tasks) or the path of a text
-            file or folder.
-        tokenizer: ``"byte"`` (bytes + PAD/BOS/EOS, 259 ids) or ``"char"`` (the characters of
-            the corpus; needs UTF-8 text; not for tasks).
+            file or folder, a JSON Lines or Parquet file, or a ``datasets`` folder written by
+            ``save_to_disk`` (``hf`` extra; ``corpus_options: {text_field: NAME}``).
+        tokenizer: ``"byte"`` (bytes + PAD/BOS/EOS, 259 ids), ``"char"`` (the characters of
+            the corpus; needs UTF-8 text), ``"bpe"`` or ``"bpe:N"`` (byte-level BPE with ``N``
+            ids trained on the corpus, ``hf`` extra) or the path of a ``tokenizer.json``; only
+            ``byte`` for tasks.
         seq_len: Tokens per example ``L`` (>= 2).
         batch_size: Examples per batch ``B``.
         num_workers: DataLoader worker processes.
@@ -77,9 +81,10 @@ class FlowTextDataModule(L.LightningDataModule):
     ) -> None:
         super().__init__()
         _check_seq_len(seq_len)
-        if tokenizer not in TOKENIZERS:
+        if tokenizer not in TOKENIZERS and not _hf.is_tokenizer_spec(tokenizer):
             raise ConfigError(
-                f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZERS)}"
+                f"unknown tokenizer {tokenizer!r}; valid names: {', '.join(TOKENIZERS)}, "
+                "bpe:N or the path of a tokenizer.json"
             )
         for name, value in (
             ("batch_size", batch_size),
@@ -107,9 +112,10 @@ class FlowTextDataModule(L.LightningDataModule):
         self.splits = check_fractions(splits)
         self.seed = seed
         self.cache_dir = cache_dir
-        self.source: Corpus | Task = resolve_corpus(
-            corpus, fractions=self.splits, pattern=pattern, **(corpus_options or {})
-        )
+        options = corpus_options or {}
+        self.source: Corpus | Task = _hf.hf_corpus_for(
+            corpus, fractions=self.splits, **options
+        ) or resolve_corpus(corpus, fractions=self.splits, pattern=pattern, **options)
         if self.is_task:
             if tokenizer != "byte":
                 raise ConfigError(f"task {corpus!r} uses the byte tokenizer; set tokenizer='byte'")
@@ -133,8 +139,12 @@ class FlowTextDataModule(L.LightningDataModule):
         if self._tokenizer is None:
             if self.tokenizer_name == "byte":
                 self._tokenizer = ByteTokenizer()
-            else:
+            elif self.tokenizer_name == "char":
                 self._tokenizer = build_char_tokenizer(self.source, self.cache_dir, self.max_bytes)
+            else:
+                self._tokenizer = _hf.tokenizer_for(
+                    self.tokenizer_name, self.source, self.cache_dir, self.max_bytes
+                )
         return self._tokenizer
 
     @property

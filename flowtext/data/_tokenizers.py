@@ -14,7 +14,7 @@ sequence length; BOS is reserved (nothing in :mod:`flowtext.data` inserts it).
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, ClassVar
 
 import numpy as np
@@ -346,6 +346,10 @@ def _utf8(data: bytes, where: str = "") -> str:
         ) from err
 
 
+STATE_LOADERS: dict[str, Callable[[dict[str, Any]], Tokenizer]] = {}
+"""Tokenizer kinds defined in other modules (``bpe``, ``hf``) -> their state loader."""
+
+
 def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
     """Rebuild a tokenizer from :meth:`Tokenizer.state_dict` (e.g. stored in a checkpoint).
 
@@ -357,4 +361,6 @@ def tokenizer_from_state(state: dict[str, Any]) -> Tokenizer:
         return ByteTokenizer()
     if kind == "char" and isinstance(state.get("chars"), str):
         return CharTokenizer(state["chars"], bytes_per_token=state.get("bytes_per_token"))
+    if kind in STATE_LOADERS:
+        return STATE_LOADERS[kind](state)
     raise DataError(f"not a flowtext tokenizer state: {state!r:.200}")
