@@ -15,8 +15,8 @@ import torch
 
 from flowtext import policies, schedules, solvers
 from flowtext.errors import ConfigError
-from flowtext.flow import integrate
 from flowtext.plotting import plot_convergence, plot_time_grids
+from flowtext.solvers import integrate
 from flowtext.toy import GaussianToy
 
 __all__ = ["DEMO_POLICIES", "pushforward", "toy_report"]

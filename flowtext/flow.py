@@ -1,4 +1,4 @@
-"""The shared probability flow: velocity from a clean prediction, and integration over a grid.
+"""The shared probability flow: the field a solver integrates (velocity from a clean prediction).
 
 For ``t_i > 0`` the shared field of theory §1 is
 ``u_i(z, t) = alpha'(t_i) x_hat_i + sigma'(t_i) eps_hat_i`` with
@@ -7,7 +7,8 @@ For ``t_i > 0`` the shared field of theory §1 is
 At ``sigma(t_i) = 0`` (``t_i = 0``) the noise estimate is taken as its limit for data with a
 density, ``eps_hat = 0``, so the field is ``alpha'(0) x_hat``: finite, and exact for the Gaussian
 toy. Moving along any monotone time grid integrates ``dz_i/ds = u_i(z, t(s)) dt_i/ds``; a token
-whose time does not move is frozen exactly.
+whose time does not move is frozen exactly. The solvers and :func:`~flowtext.solvers.integrate`,
+which runs one along a grid, live in :mod:`flowtext.solvers`; this module holds what they share.
 """
 
 from __future__ import annotations
@@ -18,24 +19,48 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from flowtext import schedules as _schedules
-from flowtext.visibility import check_times
 from flowtext.errors import ShapeError, TimeRangeError
 from flowtext.schedules import NoiseSchedule
+from flowtext.visibility import check_times
 
 __all__ = [
     "Denoiser",
     "Field",
     "FlowResult",
+    "Prediction",
+    "Predictor",
     "check_grid",
     "conditional_path",
     "conditional_velocity",
-    "integrate",
     "velocity",
 ]
 
 Denoiser = Callable[[Tensor, Tensor], Tensor]
 """``denoiser(z [B, L, d], t [B, L]) -> x0_hat [B, L, d]``: the clean-embedding prediction."""
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """What the denoiser says about the clean tokens at one state ``(z, t)``.
+
+    A continuous denoiser (the Gaussian toy) gives only ``x0_hat``; a categorical one (the
+    network) also gives the distribution ``p_theta(v | z, t)`` it is the mean of, which samplers
+    that draw tokens need (the ancestral-mixture step of theory §4b).
+
+    Attributes:
+        x0_hat: Clean-embedding prediction ``[B, L, d]``.
+        logits: Logits of ``p_theta(v | z, t)``, ``[B, L, V]``, or ``None``.
+        table: Embedding table ``e(v)``, ``[V, d]`` (``x0_hat = softmax(logits) @ table``), or
+            ``None``.
+    """
+
+    x0_hat: Tensor
+    logits: Tensor | None = None
+    table: Tensor | None = None
+
+
+Predictor = Callable[[Tensor, Tensor], Prediction]
+"""``predictor(z [B, L, d], t [B, L]) -> Prediction``: a denoiser with its categorical readout."""
 
 
 def _per_token(c: Tensor, like: Tensor) -> Tensor:
@@ -93,19 +118,40 @@ class Field:
     Args:
         denoiser: ``(z [B, L, d], t [B, L]) -> x0_hat [B, L, d]``.
         schedule: The noise schedule.
+        predictor: Optional ``(z, t) -> Prediction`` with logits and embedding table; when
+            given it is what :meth:`predict` (and so every solver) evaluates. Build such a field
+            with :meth:`categorical`.
     """
 
     denoiser: Denoiser
     schedule: NoiseSchedule
+    predictor: Predictor | None = None
+
+    @classmethod
+    def categorical(cls, predictor: Predictor, schedule: NoiseSchedule) -> Field:
+        """The field of a denoiser that reads out a distribution over tokens.
+
+        Args:
+            predictor: ``(z [B, L, d], t [B, L]) -> Prediction`` (logits and table included).
+            schedule: The noise schedule.
+        """
+        return cls(lambda z, t: predictor(z, t).x0_hat, schedule, predictor)
+
+    def predict(self, z: Tensor, t: Tensor) -> Prediction:
+        """The denoiser's :class:`Prediction` at ``(z, t)`` (``x0_hat`` shape checked)."""
+        if self.predictor is None:
+            pred = Prediction(self.denoiser(z, t))
+        else:
+            pred = self.predictor(z, t)
+        if pred.x0_hat.shape != z.shape:
+            raise ShapeError(
+                f"denoiser returned shape {tuple(pred.x0_hat.shape)}, expected {tuple(z.shape)}"
+            )
+        return pred
 
     def x0_hat(self, z: Tensor, t: Tensor) -> Tensor:
         """Clean-embedding prediction ``[B, L, d]`` (shape checked)."""
-        out = self.denoiser(z, t)
-        if out.shape != z.shape:
-            raise ShapeError(
-                f"denoiser returned shape {tuple(out.shape)}, expected {tuple(z.shape)}"
-            )
-        return out
+        return self.predict(z, t).x0_hat
 
     def velocity(self, z: Tensor, t: Tensor) -> Tensor:
         """Shared-field velocity ``dz/dt`` at ``(z, t)``, ``[B, L, d]``."""
@@ -116,7 +162,7 @@ class Field:
 
 @dataclass(frozen=True)
 class FlowResult:
-    """Result of :func:`integrate`.
+    """Result of :func:`~flowtext.solvers.integrate`.
 
     Attributes:
         z: Final state ``[B, L, d]``.
@@ -156,39 +202,3 @@ def check_grid(times: Tensor, batch: int, length: int) -> Tensor:
     if times.shape[0] > 1 and bool((times[1:] > times[:-1]).any()):
         raise TimeRangeError("times must be non-increasing along the step axis (t moves 1 -> 0)")
     return times
-
-
-def integrate(
-    denoiser: Denoiser,
-    z: Tensor,
-    times: Tensor,
-    schedule: NoiseSchedule | str,
-    solver: object | str = "euler",
-    *,
-    return_trajectory: bool = False,
-    generator: torch.Generator | None = None,
-) -> FlowResult:
-    """Integrate the shared flow along a per-token time grid.
-
-    Args:
-        denoiser: ``(z [B, L, d], t [B, L]) -> x0_hat [B, L, d]``.
-        z: Initial state ``[B, L, d]`` at times ``times[0]``.
-        times: Grid ``[K + 1, L]`` or ``[K + 1, B, L]``, non-increasing; it need not start at 1
-            or end at 0.
-        schedule: A :class:`~flowtext.schedules.NoiseSchedule` or its registry name.
-        solver: A :class:`~flowtext.solvers.Solver` or its registry name.
-        return_trajectory: Also return the state at every grid row.
-        generator: Random generator for stochastic solvers (``ancestral``).
-
-    Returns:
-        A :class:`FlowResult`.
-    """
-    from flowtext import solvers as _solvers
-
-    if z.ndim != 3:
-        raise ShapeError(f"z must be [B, L, d], got shape {tuple(z.shape)}")
-    grid = check_grid(times.to(z.dtype), z.shape[0], z.shape[1])
-    field = Field(denoiser, _schedules.resolve(schedule))
-    return _solvers.resolve(solver).integrate(
-        field, z, grid, return_trajectory=return_trajectory, generator=generator
-    )

@@ -9,8 +9,19 @@ non-increasing (theory §3). A *static* policy is a fixed curve, used through a 
 * ``autoregressive``: ``block(1)``; one token at a time, left to right (pure AR).
 * ``diagonal(width)``: a linear ramp of ``width`` (fraction of the sequence) sweeping left to
   right; tends to ``autoregressive`` as ``width -> 0`` and to ``synchronous`` as it grows.
+* ``adaptive``: :class:`Adaptive`, the Evo policy of theory §3, which moves times from the
+  network's confidence at the current state.
 
-The adaptive (Evo) policy moves times from the model's confidence and lives in the decoder.
+Every policy answers the decoder through one interface, at each global step ``k``:
+
+1. :meth:`~ProgressionPolicy.awake` on a :class:`PolicyView` (times, live tokens, ``k``, ``K``,
+   the precomputed :meth:`~ProgressionPolicy.plan`): the tokens to evaluate, the only ones that
+   may move;
+2. :meth:`~ProgressionPolicy.next_times` on the same view plus the network's
+   :class:`Evaluation` of the awake tokens: the times after the step (0 = commit).
+
+A static policy reads both from its grid (and ignores the evaluation); :class:`Adaptive` reads
+the evaluation.
 
 Example:
     >>> from flowtext import policies
@@ -36,9 +47,12 @@ from flowtext._registry import Registry
 from flowtext.errors import ConfigError
 
 __all__ = [
+    "Adaptive",
     "Autoregressive",
     "Block",
     "Diagonal",
+    "Evaluation",
+    "PolicyView",
     "ProgressionPolicy",
     "StaticPolicy",
     "Synchronous",
@@ -48,11 +62,96 @@ __all__ = [
 ]
 
 
-class ProgressionPolicy(ABC):  # noqa: B024 (a marker base shared by static and adaptive policies)
-    """Base class of every progression-time policy. ``static`` tells the two kinds apart."""
+@dataclass(frozen=True)
+class Evaluation:
+    """The network's output on the awake tokens, packed to the front of each row.
+
+    Attributes:
+        logits: ``[B, n, V]``.
+        difficulty: Progression-time head ``[B, n]`` (predicted commit loss, nats).
+        index: Position in the sequence of each entry ``[B, n]`` (long).
+        valid: ``[B, n]`` bool; ``False`` marks padding of rows with fewer awake tokens.
+    """
+
+    logits: Tensor
+    difficulty: Tensor
+    index: Tensor
+    valid: Tensor
+
+
+@dataclass(frozen=True)
+class PolicyView:
+    """What a policy sees at one global step (read-only).
+
+    Attributes:
+        t: Current times ``[B, L]``.
+        live: Tokens still to decode ``[B, L]`` bool (uncommitted, in rows not stopped).
+        step: Index ``k`` of the step being taken, ``0 <= k < steps``.
+        steps: The number (static) or budget (adaptive) of global steps ``K``.
+        plan: What :meth:`ProgressionPolicy.plan` returned (a static grid ``[K + 1, L]`` on the
+            device and dtype of ``t``), or ``None``.
+        evaluation: The network's output on the awake tokens; ``None`` before evaluating.
+    """
+
+    t: Tensor
+    live: Tensor
+    step: int
+    steps: int
+    plan: Tensor | None = None
+    evaluation: Evaluation | None = None
+
+    def spread(self, values: Tensor, fill: float = 0.0) -> Tensor:
+        """Scatter per-entry ``values [B, n]`` of :attr:`evaluation` back to ``[B, L]``.
+
+        Positions without an entry get ``fill``.
+        """
+        ev = self.evaluation
+        if ev is None:
+            raise ConfigError("this view holds no evaluation yet")
+        out = torch.full(self.t.shape, fill, dtype=values.dtype, device=values.device)
+        rows = torch.arange(ev.index.shape[0], device=ev.index.device)[:, None]
+        out[rows.expand_as(ev.index)[ev.valid], ev.index[ev.valid]] = values[ev.valid]
+        return out
+
+
+class ProgressionPolicy(ABC):
+    """Base class of every progression-time policy: which tokens move and to which times.
+
+    ``static`` tells fixed curves (:class:`StaticPolicy`) from state-driven ones
+    (:class:`Adaptive`).
+    """
 
     name: ClassVar[str]
     static: ClassVar[bool] = False
+
+    def plan(
+        self, length: int, steps: int, *, dtype: torch.dtype, device: torch.device | str | None
+    ) -> Tensor | None:
+        """Whatever the policy precomputes once per decoding (``None`` by default).
+
+        Args:
+            length: Tokens to decode ``L``.
+            steps: Global steps ``K``.
+            dtype: Floating dtype of the times.
+            device: Device of the times.
+
+        Raises:
+            ConfigError: ``steps`` cannot drive this policy.
+        """
+        return None
+
+    @abstractmethod
+    def awake(self, view: PolicyView) -> Tensor:
+        """The tokens to evaluate at this step, the only ones allowed to move: ``[B, L]`` bool."""
+
+    @abstractmethod
+    def next_times(self, view: PolicyView) -> Tensor:
+        """Times after this step ``[B, L]``: ``<= view.t``, committing tokens at 0.
+
+        Args:
+            view: The step's view, with :attr:`PolicyView.evaluation` of the :meth:`awake`
+                tokens.
+        """
 
 
 class StaticPolicy(ProgressionPolicy):
@@ -108,6 +207,21 @@ class StaticPolicy(ProgressionPolicy):
         times[-1] = 0.0
         return times.to(dtype=dtype, device=device)
 
+    def plan(self, length, steps, *, dtype, device):  # noqa: D102
+        return self.grid(length, steps, dtype=dtype, device=device)
+
+    def next_times(self, view: PolicyView) -> Tensor:
+        """The grid's next row for live tokens (never above the current time); others stay."""
+        grid = view.plan
+        if grid is None:
+            grid = self.plan(view.t.shape[1], view.steps, dtype=view.t.dtype, device=view.t.device)
+        target = torch.where(view.live, grid[view.step + 1].expand_as(view.t), view.t)
+        return torch.minimum(target, view.t)
+
+    def awake(self, view: PolicyView) -> Tensor:
+        """Live tokens that have left ``t = 1`` or leave it now (a token at 1 is not read)."""
+        return view.live & ((view.t < 1) | (self.next_times(view) < view.t))
+
 
 registry: Registry[ProgressionPolicy] = Registry("policy")
 register = registry.register
@@ -158,7 +272,7 @@ class Block(StaticPolicy):
     size: int = 1
 
     def __post_init__(self) -> None:
-        if not isinstance(self.size, int) or self.size < 1:
+        if not isinstance(self.size, int) or isinstance(self.size, bool) or self.size < 1:
             raise ConfigError(f"block size must be a positive int, got {self.size!r}")
 
     def n_blocks(self, length: int) -> int:
@@ -227,5 +341,161 @@ class Diagonal(StaticPolicy):
         return ((p[None, :] - front[:, None]) / self.width).clamp(0.0, 1.0)
 
 
-# the adaptive (Evo) policy lives with the decoder; importing it registers "adaptive"
-import flowtext.decoding.adaptive  # noqa: E402, F401
+_SIGNALS = ("entropy", "difficulty")
+
+
+@register("adaptive")
+@dataclass(frozen=True)
+class Adaptive(ProgressionPolicy):
+    """Confidence-driven progression times: the adaptive (Evo) policy of theory §3.
+
+    Unlike a static policy it chooses the next times from the current state. At every global step
+    the *awake* tokens (the leftmost ``window`` live tokens of each row) are evaluated, the
+    network's output becomes a per-token confidence ``c_i in [0, 1]``, and each awake token moves
+    by ``rate * c_i``:
+
+    * ``signal="entropy"``: ``c_i = 1 - H(p_theta(x_i | z, t)) / log V`` (readout entropy);
+    * ``signal="difficulty"``: ``c_i = 1 - g_theta(z, t)_i / log V``, the progression-time head's
+      predicted commit loss (meaningful for models trained with ``difficulty_weight > 0``).
+
+    Both are 0 for a uniform readout (the token does not move) and 1 for a certain one. A token
+    **commits** (its time jumps to 0) when ``c_i >= threshold`` or when its advanced time falls to
+    ``t_min`` or below; otherwise it waits at ``max(t_i - rate c_i, t_min)``. Confident tokens
+    commit at once, AR-like, while uncertain ones stay near ``t = 1`` and keep planning.
+
+    Guards: times never increase and only awake tokens move; at least
+    ``ceil(n_live / steps_left)`` (so at least one) tokens commit per step, the most confident
+    awake ones (ties: leftmost), so every token commits within the budget ``steps``; an optional
+    ``max_commits`` per step (the budget guard wins over it). With one-hot confidence left to
+    right the policy commits exactly the leftmost live token at each step: ``autoregressive``.
+
+    Knobs (speed = tokens per network evaluation; quality = sample likelihood): a lower
+    ``threshold`` commits more tokens per step (faster, but mutually dependent tokens are drawn
+    independently); a higher ``rate`` reaches ``t_min`` sooner (``0`` keeps every uncommitted
+    token at ``t = 1``: confidence-ordered parallel AR); a larger ``window`` allows more parallel
+    commits but makes each evaluation dearer; ``max_commits`` caps parallel commits; the
+    decoder's ``steps`` is the budget.
+
+    Args:
+        signal: ``"entropy"`` (readout entropy) or ``"difficulty"`` (progression-time head).
+        threshold: Confidence in ``(0, 1]`` at or above which an awake token commits at once.
+        rate: Time advance per step of a token of confidence 1, ``>= 0``.
+        window: Number of awake (evaluated, movable) live tokens per row, ``>= 1``.
+        t_min: Time in ``(0, 1)`` at or below which a moving token commits.
+        max_commits: Optional cap on commits per row and step (``None`` = no cap).
+    """
+
+    signal: str = "entropy"
+    threshold: float = 0.9
+    rate: float = 0.5
+    window: int = 16
+    t_min: float = 0.1
+    max_commits: int | None = None
+    static: ClassVar[bool] = False
+
+    def __post_init__(self) -> None:
+        if self.signal not in _SIGNALS:
+            raise ConfigError(
+                f"adaptive signal must be one of {', '.join(_SIGNALS)}, got {self.signal!r}"
+            )
+        if not (isinstance(self.threshold, (int, float)) and 0 < self.threshold <= 1):
+            raise ConfigError(f"adaptive threshold must lie in (0, 1], got {self.threshold!r}")
+        if not (
+            isinstance(self.rate, (int, float)) and math.isfinite(self.rate) and self.rate >= 0
+        ):
+            raise ConfigError(f"adaptive rate must be a finite number >= 0, got {self.rate!r}")
+        if not isinstance(self.window, int) or self.window < 1:
+            raise ConfigError(f"adaptive window must be a positive int, got {self.window!r}")
+        if not (isinstance(self.t_min, (int, float)) and 0 < self.t_min < 1):
+            raise ConfigError(f"adaptive t_min must lie in (0, 1), got {self.t_min!r}")
+        if self.max_commits is not None and (
+            not isinstance(self.max_commits, int) or self.max_commits < 1
+        ):
+            raise ConfigError(
+                f"adaptive max_commits must be None or a positive int, got {self.max_commits!r}"
+            )
+
+    def confidence(self, logits: Tensor, difficulty: Tensor) -> Tensor:
+        """Per-token confidence in ``[0, 1]`` from the network output.
+
+        Args:
+            logits: ``[B, n, V]``.
+            difficulty: Progression-time head ``[B, n]`` (predicted commit loss, nats).
+
+        Returns:
+            ``[B, n]``: ``1 - signal / log V`` clipped to ``[0, 1]``.
+        """
+        scale = math.log(max(2, logits.shape[-1]))
+        if self.signal == "entropy":
+            logp = torch.log_softmax(logits, dim=-1)
+            signal = -(logp.exp() * logp).sum(-1)
+        else:
+            signal = difficulty
+        return (1 - signal / scale).clamp(0.0, 1.0)
+
+    @staticmethod
+    def required(live: Tensor, step: int, steps: int) -> Tensor:
+        """Minimum commits per row at this step: ``ceil(n_live / steps_left)``.
+
+        Args:
+            live: Live tokens ``[B, L]`` bool.
+            step: Index ``k`` of the step being taken (``0 <= k < steps``).
+            steps: The step budget ``K``.
+
+        Returns:
+            ``[B]`` long; all live tokens on the last step, 0 for rows with none.
+        """
+        n = live.sum(1)
+        left = max(1, steps - step)
+        return torch.div(n + left - 1, left, rounding_mode="floor")
+
+    def awake(self, view: PolicyView) -> Tensor:
+        """The leftmost ``max(window, required)`` live tokens of each row, ``[B, L]`` bool."""
+        rank = torch.cumsum(view.live.long(), dim=1) - 1
+        cap = self.required(view.live, view.step, view.steps).clamp_min(self.window)
+        return view.live & (rank < cap[:, None])
+
+    def next_times(self, view: PolicyView) -> Tensor:
+        """Commit the confident awake tokens (and the budget's due), advance the others.
+
+        Args:
+            view: The step's view with the :class:`Evaluation` of the :meth:`awake` tokens.
+
+        Returns:
+            ``[B, L]``: ``<= t``; committing tokens at 0; tokens that are not awake unchanged.
+        """
+        ev = view.evaluation
+        if ev is None:
+            raise ConfigError("the adaptive policy needs the evaluation of the awake tokens")
+        t, awake = view.t, self.awake(view)
+        conf = view.spread(self.confidence(ev.logits, ev.difficulty).to(t.dtype))
+        conf = torch.where(awake, conf, 0.0)
+        advanced = t - self.rate * conf
+        want = awake & ((conf >= self.threshold) | (advanced <= self.t_min))
+        n_want = want.sum(1)
+        if self.max_commits is not None:
+            n_want = n_want.clamp_max(self.max_commits)
+        n_commit = torch.maximum(n_want, self.required(view.live, view.step, view.steps))
+        commit = awake & (self._rank(t, conf, awake, want) < n_commit[:, None])
+        waiting = torch.maximum(advanced, torch.minimum(t, torch.full_like(t, self.t_min)))
+        return torch.where(commit, 0.0, torch.where(awake, waiting, t))
+
+    @staticmethod
+    def _rank(t: Tensor, conf: Tensor, awake: Tensor, want: Tensor) -> Tensor:
+        """Commit priority of each token ``[B, L]`` (0 first).
+
+        Wanted tokens come first, then the rest; within each, confidence first, then maturity,
+        ties to the left (stable sorts).
+        """
+        # rounded to 1e-6 so that round-off (cached vs uncached, batched vs single) cannot
+        # reorder near-ties
+        score = torch.where(awake, torch.round((conf + 1e-3 * (1 - t)) * 1e6), -1.0)
+        rank = _ranks(torch.sort(score, dim=1, descending=True, stable=True).indices)
+        want_rank = torch.where(want, rank, rank + t.shape[1])
+        return _ranks(torch.sort(want_rank, dim=1, stable=True).indices)
+
+
+def _ranks(order: Tensor) -> Tensor:
+    """Inverse permutation of each row of ``order [B, L]``: the rank of every position."""
+    ar = torch.arange(order.shape[1], device=order.device).expand_as(order)
+    return torch.empty_like(order).scatter_(1, order, ar)

@@ -14,7 +14,11 @@ from collections.abc import Sequence
 from typing import Any
 
 import torch
+from rich.console import Console
+from rich.table import Table
 
+from flowtext.checkpoint import load_checkpoint
+from flowtext.decoding import GenerationResult, generate
 from flowtext.errors import ConfigError, DataError, FlowtextError
 
 __all__ = ["sample_main"]
@@ -86,52 +90,63 @@ def sample_main(argv: Sequence[str] | None = None) -> int:
 
 
 def _sample(args: argparse.Namespace) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from flowtext.decoding import generate, plot_maturity
-
     console = Console()
     err = Console(stderr=True)
     try:
-        kwargs = {}
-        for item in args.policy_arg:
-            if "=" not in item:
-                raise ConfigError(f"--policy-arg takes K=V, got {item!r}")
-            k, v = item.split("=", 1)
-            kwargs[k.strip().replace("-", "_")] = _parse_value(v.strip())
+        kwargs = _policy_kwargs(args.policy_arg)
         if args.batch < 1:
             raise ConfigError(f"--batch must be >= 1, got {args.batch}")
-        from flowtext.checkpoint import load_checkpoint  # moves with this CLI to flowtext.sample
-
         lm, tok, note = load_checkpoint(args.ckpt)
         err.print(f"[dim]{note}[/dim]")
-        prompt = tok.encode(args.prompt) if args.prompt else []
-        eos = None if args.no_eos else getattr(tok, "eos_id", None)
-        res = generate(
-            lm.net,
-            lm.schedule,
-            prompt=[prompt] * args.batch,
-            length=args.length,
-            policy=args.policy,
-            policy_kwargs=kwargs,
-            steps=args.steps,
-            solver=args.solver,
-            temperature=args.temperature,
-            top_p=args.top_p,
-            greedy=args.greedy,
-            generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)],
-            eos_id=eos,
-            use_cache=not args.no_cache,
-            record=args.heatmap is not None,
-            tokenizer=tok,
-        )
+        res = _generate(args, lm, tok, kwargs)
     except (FlowtextError, DataError) as e:
         err.print(f"[red]error:[/red] {e}")
         return 2
     for b, text in enumerate(res.text):
         console.rule(f"sample {b}" + (" (interrupted)" if res.interrupted else ""))
         console.print(f"[bold]{args.prompt}[/bold]{text}", markup=False, highlight=False)
+    console.print(_stats_table(args, kwargs, res))
+    if args.heatmap:
+        from flowtext.decoding.plots import plot_maturity  # matplotlib only when asked for
+
+        path = plot_maturity(res, args.heatmap, tok, title=args.policy)
+        console.print(f"heatmap written to [bold]{path}[/bold]")
+    return 0
+
+
+def _policy_kwargs(items: Sequence[str]) -> dict[str, Any]:
+    kwargs = {}
+    for item in items:
+        if "=" not in item:
+            raise ConfigError(f"--policy-arg takes K=V, got {item!r}")
+        k, v = item.split("=", 1)
+        kwargs[k.strip().replace("-", "_")] = _parse_value(v.strip())
+    return kwargs
+
+
+def _generate(args: argparse.Namespace, lm, tok, kwargs: dict[str, Any]) -> GenerationResult:
+    prompt = tok.encode(args.prompt) if args.prompt else []
+    return generate(
+        lm.net,
+        lm.schedule,
+        prompt=[prompt] * args.batch,
+        length=args.length,
+        policy=args.policy,
+        policy_kwargs=kwargs,
+        steps=args.steps,
+        solver=args.solver,
+        temperature=args.temperature,
+        top_p=args.top_p,
+        greedy=args.greedy,
+        generator=[torch.Generator().manual_seed(args.seed + i) for i in range(args.batch)],
+        eos_id=None if args.no_eos else getattr(tok, "eos_id", None),
+        use_cache=not args.no_cache,
+        record=args.heatmap is not None,
+        tokenizer=tok,
+    )
+
+
+def _stats_table(args: argparse.Namespace, kwargs: dict[str, Any], res: GenerationResult) -> Table:
     s = res.stats
     table = Table(title=f"decoding: {args.policy} {kwargs or ''}, {args.solver}")
     table.add_column("statistic")
@@ -151,8 +166,4 @@ def _sample(args: argparse.Namespace) -> int:
     ]
     for k, v in rows:
         table.add_row(k, v)
-    console.print(table)
-    if args.heatmap:
-        path = plot_maturity(res, args.heatmap, tok, title=args.policy)
-        console.print(f"heatmap written to [bold]{path}[/bold]")
-    return 0
+    return table

@@ -1,5 +1,7 @@
 """Solvers for the shared flow: pure steps ``(field, z, t_now, t_next) -> z_next``.
 
+:func:`integrate` runs one along a per-token time grid.
+
 Every token has its own step ``h_i = t_next_i - t_now_i`` (``<= 0``); a token with ``h_i = 0`` is
 frozen exactly. Within one global step all times move linearly in the global clock, so a
 Runge–Kutta method applied per token with its own ``h_i`` is that method applied to
@@ -11,34 +13,86 @@ on the grid.
   step whose ELBO is the one of theory §4.
 * ``torchdiffeq``: hands the whole grid to :func:`torchdiffeq.odeint` (any of its methods,
   adaptive ``dopri5`` included) when all tokens share one clock.
+
+A step may be handed two things besides the field:
+
+* ``noise``: a :class:`NoiseSource` (normal and categorical draws at given tokens), so a caller
+  decides how randomness is drawn (the decoder draws per row, so a row's sample does not depend
+  on the rest of the batch); :class:`GeneratorNoise` wraps one ``torch.Generator``;
+* ``start``: the field's :class:`~flowtext.flow.Prediction` at ``(z, t_now)`` when the caller
+  already has it (the decoder evaluates it to commit tokens), so the step does not evaluate it
+  again. A prediction of a categorical field carries the logits and the embedding table, so a
+  step may draw tokens (the ancestral-mixture sampler of theory §4b), not only read ``x0_hat``.
 """
 
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
-from typing import Any, ClassVar
+from typing import Any, ClassVar, Protocol
 
 import torch
 from torch import Tensor
 
+from flowtext import schedules as _schedules
 from flowtext._registry import Registry
-from flowtext.errors import ConfigError
-from flowtext.flow import Field, FlowResult
+from flowtext.errors import ConfigError, ShapeError
+from flowtext.flow import Denoiser, Field, FlowResult, Prediction, check_grid, velocity
+from flowtext.schedules import NoiseSchedule
 
 __all__ = [
     "Ancestral",
     "Euler",
+    "GeneratorNoise",
     "Heun",
     "Midpoint",
+    "NoiseSource",
     "RK4",
     "RungeKutta",
     "Solver",
     "TorchDiffEq",
     "get",
+    "integrate",
     "names",
+    "posterior",
     "register",
 ]
+
+
+class NoiseSource(Protocol):
+    """Where a stochastic step gets its randomness from.
+
+    Both methods draw only what ``where`` selects; entries elsewhere may hold anything (the step
+    ignores them), so a source may draw per token, per row or for the whole tensor at once.
+    """
+
+    def normal(self, like: Tensor, where: Tensor) -> Tensor:
+        """Standard normal noise shaped like ``like [B, L, d]`` at the tokens ``where [B, L]``."""
+        ...
+
+    def categorical(self, probs: Tensor, where: Tensor) -> Tensor:
+        """Ids ``[B, L]`` drawn from ``probs [B, L, V]`` at the tokens ``where [B, L]``."""
+        ...
+
+
+@dataclass(frozen=True)
+class GeneratorNoise:
+    """A :class:`NoiseSource` drawing whole tensors from one generator (``None``: the global one).
+
+    Args:
+        generator: A ``torch.Generator`` or ``None``.
+    """
+
+    generator: torch.Generator | None = None
+
+    def normal(self, like: Tensor, where: Tensor) -> Tensor:  # noqa: D102
+        g = self.generator
+        return torch.randn(like.shape, generator=g, dtype=like.dtype, device=like.device)
+
+    def categorical(self, probs: Tensor, where: Tensor) -> Tensor:  # noqa: D102
+        flat = probs.reshape(-1, probs.shape[-1])
+        ids = torch.multinomial(flat, 1, generator=self.generator)
+        return ids.reshape(probs.shape[:-1])
 
 
 def _freeze(z: Tensor, z_new: Tensor, h: Tensor) -> Tensor:
@@ -64,7 +118,8 @@ class Solver(ABC):
         t_now: Tensor,
         t_next: Tensor,
         *,
-        generator: torch.Generator | None = None,
+        noise: NoiseSource | None = None,
+        start: Prediction | None = None,
     ) -> Tensor:
         """Advance ``z`` from ``t_now`` to ``t_next``.
 
@@ -73,7 +128,8 @@ class Solver(ABC):
             z: State ``[B, L, d]`` at ``t_now``.
             t_now: Per-token times ``[B, L]``.
             t_next: Per-token times ``[B, L]``, ``<= t_now``.
-            generator: Random generator (stochastic solvers only).
+            noise: Randomness of stochastic solvers (default: the global generator).
+            start: ``field.predict(z, t_now)`` when the caller already has it.
 
         Returns:
             State ``[B, L, d]`` at ``t_next``.
@@ -86,7 +142,7 @@ class Solver(ABC):
         times: Tensor,
         *,
         return_trajectory: bool = False,
-        generator: torch.Generator | None = None,
+        noise: NoiseSource | None = None,
     ) -> FlowResult:
         """Apply :meth:`step` along a validated grid ``times [K + 1, B, L]``.
 
@@ -95,14 +151,14 @@ class Solver(ABC):
             z: Initial state ``[B, L, d]``.
             times: Grid ``[K + 1, B, L]``.
             return_trajectory: Keep every state.
-            generator: Random generator for stochastic solvers.
+            noise: Randomness of stochastic solvers.
 
         Returns:
             A :class:`~flowtext.flow.FlowResult`.
         """
         states = [z]
         for k in range(times.shape[0] - 1):
-            z = self.step(field, z, times[k], times[k + 1], generator=generator)
+            z = self.step(field, z, times[k], times[k + 1], noise=noise)
             if return_trajectory:
                 states.append(z)
         traj = torch.stack(states) if return_trajectory else None
@@ -139,7 +195,7 @@ class RungeKutta(Solver):
     b: ClassVar[tuple[float, ...]]
     c: ClassVar[tuple[float, ...]]
 
-    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
+    def step(self, field, z, t_now, t_next, *, noise=None, start=None):  # noqa: D102
         h = t_next - t_now
         hz = h[..., None]
         ks: list[Tensor] = []
@@ -148,7 +204,11 @@ class RungeKutta(Solver):
             for a_jl, k_l in zip(a_row, ks, strict=False):
                 if a_jl:
                     z_j = z_j + (a_jl * hz) * k_l
-            ks.append(field.velocity(z_j, t_now + c_j * h))
+            t_j = t_now + c_j * h
+            if not ks and start is not None:  # explicit tableaux: the first stage is (z, t_now)
+                ks.append(velocity(z_j, start.x0_hat, t_j, field.schedule))
+            else:
+                ks.append(field.velocity(z_j, t_j))
         z_new = z
         for b_j, k_j in zip(self.b, ks, strict=True):
             if b_j:
@@ -247,11 +307,12 @@ class Ancestral(Solver):
         if not 0 <= self.eta:
             raise ConfigError(f"ancestral eta must be >= 0, got {self.eta}")
 
-    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
-        x_hat = field.x0_hat(z, t_now)
+    def step(self, field, z, t_now, t_next, *, noise=None, start=None):  # noqa: D102
+        x_hat = (start if start is not None else field.predict(z, t_now)).x0_hat
         mean, std = posterior(z, x_hat, t_now, t_next, field.schedule)
-        noise = torch.randn(z.shape, generator=generator, dtype=z.dtype, device=z.device)
-        return _freeze(z, mean + self.eta * std * noise, t_next - t_now)
+        noise = GeneratorNoise() if noise is None else noise
+        eps = noise.normal(z, t_next < t_now)
+        return _freeze(z, mean + self.eta * std * eps, t_next - t_now)
 
 
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
@@ -345,10 +406,49 @@ class TorchDiffEq(Solver):
             ) from err
         return sol[torch.cumsum(keep, 0) - 1]
 
-    def step(self, field, z, t_now, t_next, *, generator=None):  # noqa: D102
+    def step(self, field, z, t_now, t_next, *, noise=None, start=None):  # noqa: D102
         clock = self._clock(torch.stack([t_now, t_next]))
         return self._odeint(field, z, clock)[-1]
 
-    def integrate(self, field, z, times, *, return_trajectory=False, generator=None):  # noqa: D102
+    def integrate(self, field, z, times, *, return_trajectory=False, noise=None):  # noqa: D102
         traj = self._odeint(field, z, self._clock(times))
         return FlowResult(z=traj[-1], times=times, trajectory=traj if return_trajectory else None)
+
+
+def integrate(
+    denoiser: Denoiser,
+    z: Tensor,
+    times: Tensor,
+    schedule: NoiseSchedule | str,
+    solver: Solver | str = "euler",
+    *,
+    return_trajectory: bool = False,
+    generator: torch.Generator | None = None,
+) -> FlowResult:
+    """Integrate the shared flow along a per-token time grid.
+
+    Args:
+        denoiser: ``(z [B, L, d], t [B, L]) -> x0_hat [B, L, d]``.
+        z: Initial state ``[B, L, d]`` at times ``times[0]``.
+        times: Grid ``[K + 1, L]`` or ``[K + 1, B, L]``, non-increasing; it need not start at 1
+            or end at 0.
+        schedule: A :class:`~flowtext.schedules.NoiseSchedule` or its registry name.
+        solver: A :class:`Solver` or its registry name.
+        return_trajectory: Also return the state at every grid row.
+        generator: Random generator for stochastic solvers (``ancestral``).
+
+    Returns:
+        A :class:`~flowtext.flow.FlowResult`.
+
+    Raises:
+        ShapeError: ``z`` is not ``[B, L, d]`` or the grid does not fit it.
+        TimeRangeError: A grid outside ``[0, 1]`` or with a time that increases.
+        ConfigError: Unknown schedule or solver.
+    """
+    if z.ndim != 3:
+        raise ShapeError(f"z must be [B, L, d], got shape {tuple(z.shape)}")
+    grid = check_grid(times.to(z.dtype), z.shape[0], z.shape[1])
+    field = Field(denoiser, _schedules.resolve(schedule))
+    return resolve(solver).integrate(
+        field, z, grid, return_trajectory=return_trajectory, noise=GeneratorNoise(generator)
+    )

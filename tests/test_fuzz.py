@@ -16,7 +16,7 @@ import torch
 from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
-from flowtext import flow, policies, schedules, solvers
+from flowtext import policies, schedules, solvers
 from flowtext.cli import main as cli_main
 from flowtext.data import FlowTextDataModule
 from flowtext.decoding import generate
@@ -163,7 +163,7 @@ def test_integrate(solver, skw, schedule, shape, steps, per_row, grid_values):
             *s
         ),
     }[grid_values](grid_shape).to(torch.float64)
-    res = works_or_flowtext_error(flow.integrate, _toy_denoiser, z, times, schedule, solver)
+    res = works_or_flowtext_error(solvers.integrate, _toy_denoiser, z, times, schedule, solver)
     if res is not None:
         assert res.z.shape == z.shape
 

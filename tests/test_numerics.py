@@ -3,8 +3,8 @@
 import pytest
 import torch
 
-from flowtext.decoding.cli import sample_main
 from flowtext.errors import NonFiniteError
+from flowtext.sample import sample_main
 from flowtext.training import cli_main, latest_checkpoint
 from tests.test_resume import RESUME, run
 from tests.test_training import ROOT

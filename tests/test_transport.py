@@ -6,7 +6,7 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from flowtext import policies
-from flowtext.flow import integrate
+from flowtext.solvers import integrate
 
 from ._toyutil import make_toy, random_monotone_grid, transport_error
 

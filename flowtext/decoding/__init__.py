@@ -1,10 +1,17 @@
 """Decoding: generate text by following any progression-time policy through the shared flow.
 
 * :func:`generate`: batched decoding under any registered policy (static ones via their grid, or
-  :class:`Adaptive`), ODE (``euler``, ``heun``, ``midpoint``, ``rk4``) or ``ancestral`` steps,
-  temperature / top-p / greedy commits, stop at EOS, infilling, exact KV cache.
-* :class:`Adaptive`: the confidence-driven (Evo) policy, registered as ``adaptive``.
+  :class:`~flowtext.policies.Adaptive`), ODE (``euler``, ``heun``, ``midpoint``, ``rk4``) or
+  ``ancestral`` steps, temperature / top-p / greedy commits, stop at EOS, infilling, exact KV
+  cache.
+* :class:`DecodeState` and :func:`step`: the loop as a state and a step
+  (:mod:`flowtext.decoding.state`), for callers that drive or inspect decoding step by step.
 * :func:`plot_maturity`, :func:`plot_policy_comparison`: maturity heatmaps (tokens x steps).
+
+Modules, by role: :mod:`~flowtext.decoding.inputs` (checked settings, prompts, constraints),
+:mod:`~flowtext.decoding.sampling` (per-row randomness, the commit rule),
+:mod:`~flowtext.decoding.state` (state and step), :mod:`~flowtext.decoding.loop` (:func:`generate`),
+:mod:`~flowtext.decoding.result` (result types), :mod:`~flowtext.decoding.plots`.
 
 Example:
     >>> import torch
@@ -20,28 +27,30 @@ Example:
 
 from __future__ import annotations
 
-from flowtext.decoding._engine import DecodeStats, GenerationResult, generate, sample_tokens
-from flowtext.decoding.adaptive import Adaptive
+from flowtext.decoding.loop import decode, generate
+from flowtext.decoding.result import DecodeStats, GenerationResult
+from flowtext.decoding.sampling import sample_tokens
+from flowtext.decoding.state import Decoder, DecodeState, step
+from flowtext.policies import Adaptive
 
 __all__ = [
     "Adaptive",
+    "DecodeState",
     "DecodeStats",
+    "Decoder",
     "GenerationResult",
+    "decode",
     "generate",
     "plot_maturity",
     "plot_policy_comparison",
-    "sample_main",
     "sample_tokens",
+    "step",
 ]
 
 
 def __getattr__(name: str):
-    if name in ("plot_maturity", "plot_policy_comparison"):
+    if name in ("plot_maturity", "plot_policy_comparison"):  # matplotlib only when plotting
         from flowtext.decoding import plots
 
         return getattr(plots, name)
-    if name == "sample_main":
-        from flowtext.decoding.cli import sample_main
-
-        return sample_main
     raise AttributeError(f"module 'flowtext.decoding' has no attribute {name!r}")

@@ -11,7 +11,7 @@ import matplotlib
 matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # noqa: E402
 
-from flowtext.decoding._engine import GenerationResult  # noqa: E402
+from flowtext.decoding.result import GenerationResult  # noqa: E402
 from flowtext.errors import ConfigError  # noqa: E402
 
 __all__ = ["plot_maturity", "plot_policy_comparison"]

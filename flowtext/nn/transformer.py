@@ -20,11 +20,11 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtext.visibility import LIVE, check_times
 from flowtext.errors import DataError, ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
 from flowtext.nn.layers import Block, LowRankModulation, TimeEmbedding, modulate, rotary
+from flowtext.visibility import LIVE, check_times
 
 __all__ = ["FlowOutput", "FlowTransformer"]
 
@@ -194,9 +194,53 @@ class FlowTransformer(nn.Module):
             TimeRangeError: ``t`` outside ``[0, 1]``.
         """
         h, _ = self._trunk(z, t, o, positions, cache)
-        feats = h.detach() if self.config.difficulty_detach else h
-        difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
-        return FlowOutput(logits=self.readout(h), difficulty=difficulty, hidden=h)
+        return self._heads(h)
+
+    def commit_forward(
+        self,
+        cache: KVCache,
+        committed: tuple[Tensor, Tensor, Tensor],
+        z: Tensor,
+        t: Tensor,
+        o: Tensor,
+        positions: Tensor,
+    ) -> tuple[FlowOutput, KVCache]:
+        """:meth:`commit` new tokens and evaluate queries against the result in one pass.
+
+        Equal to ``cache = commit(cache, *committed)`` followed by
+        ``forward(z, t, o, positions, cache)``, but one trunk pass runs both: the committed
+        tokens (order ``<`` every live order) never attend to the queries, so their keys and
+        values are the ones :meth:`commit` computes (theory §2), and the queries see them.
+
+        Args:
+            cache: Current cache (unchanged; a new one is returned).
+            committed: ``(z_c [B, n, d_embed], o_c [B, n], positions_c [B, n])`` of the newly
+                committed tokens, as for :meth:`commit` (padding has order ``LIVE``).
+            z: Query latents ``[B, m, d_embed]``.
+            t: Query times ``[B, m]``.
+            o: Query orders ``[B, m]``.
+            positions: Query positions ``[B, m]``.
+
+        Returns:
+            ``(FlowOutput of the m queries, cache extended by the n committed tokens)``.
+
+        Raises:
+            ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
+            TimeRangeError: Commit orders above ``LIVE`` or not after the cached ones.
+        """
+        zc, oc, pc = committed
+        self._check_commit_orders(cache, oc)
+        n = zc.shape[1]
+        t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
+        h, kv = self._trunk(
+            torch.cat([zc, z], 1),
+            t_all,
+            torch.cat([oc, o], 1),
+            torch.cat([pc, positions], 1),
+            cache,
+        )
+        cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc)
+        return self._heads(h[:, n:]), cache
 
     def new_cache(
         self,
@@ -258,6 +302,23 @@ class FlowTransformer(nn.Module):
         if isinstance(z, Tensor) and z.ndim == 3 and z.shape[1] == 0:
             return cache
         o = o.long()
+        self._check_commit_orders(cache, o)
+        t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
+        _, kv = self._trunk(z, t, o, positions, cache)
+        positions = self._positions(positions, *o.shape, cache.length, o.device)
+        return cache.append(kv, o, positions)
+
+    # ------------------------------------------------------------------ internals
+
+    def _heads(self, h: Tensor) -> FlowOutput:
+        feats = h.detach() if self.config.difficulty_detach else h
+        difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
+        return FlowOutput(logits=self.readout(h), difficulty=difficulty, hidden=h)
+
+    @staticmethod
+    def _check_commit_orders(cache: KVCache, o: Tensor) -> None:
+        if not isinstance(o, Tensor) or not _is_int(o):
+            raise ShapeError(f"o must be an integer tensor [B, n], got {_describe(o)}")
         if bool((o > LIVE).any()):
             raise TimeRangeError(f"commit orders must be <= LIVE={LIVE} (LIVE marks padding)")
         if cache.length and o.shape[0] == cache.batch_size:
@@ -270,12 +331,6 @@ class FlowTransformer(nn.Module):
                     f"commit orders must increase: row {row} commits order {int(new[row])} but "
                     f"the cache already holds order {int(prev[row])}"
                 )
-        t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
-        _, kv = self._trunk(z, t, o, positions, cache)
-        positions = self._positions(positions, *o.shape, cache.length, o.device)
-        return cache.append(kv, o, positions)
-
-    # ------------------------------------------------------------------ internals
 
     def _positions(
         self, positions: Tensor | None, batch: int, length: int, past: int, device: torch.device
