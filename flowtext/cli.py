@@ -102,6 +102,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         from flowtext.sample import sample_main
 
         return sample_main(argv[1:])
+    if argv and argv[0] in ("adapt", "export"):
+        from flowtext.adapt import hf_main  # the optional Hugging Face commands
+
+        return hf_main(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:
         return _lightning(argv if explicit else None)
     print(
