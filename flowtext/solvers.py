@@ -104,11 +104,15 @@ class Solver(ABC):
 
     Attributes:
         order: Convergence order of a deterministic solver, ``None`` for stochastic ones.
+        stochastic: Whether :meth:`step` draws from its noise source.
+        per_token: Whether :meth:`step` takes any per-token times (the decoder needs this);
+            ``False`` for solvers that need all tokens on one clock.
     """
 
     name: ClassVar[str]
     order: ClassVar[int | None] = None
     stochastic: ClassVar[bool] = False
+    per_token: ClassVar[bool] = True
 
     @abstractmethod
     def step(
@@ -341,6 +345,7 @@ class TorchDiffEq(Solver):
             an adaptive step size that collapsed or ran out of steps.
     """
 
+    per_token: ClassVar[bool] = False
     method: str = "dopri5"
     rtol: float = 1e-7
     atol: float = 1e-9

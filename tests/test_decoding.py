@@ -1,12 +1,14 @@
 """The decoding engine: T2, cache exactness, batching, infilling, EOS, adaptive, errors, CLI."""
 
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from flowtext import policies
+from flowtext import policies, solvers
 from flowtext.attention import LIVE
 from flowtext.decoding import Adaptive, GenerationResult, generate
 from flowtext.errors import ConfigError, DataError, FlowtextError, ShapeError
@@ -115,7 +117,10 @@ def test_cases_cover_every_registered_policy():
 
 
 @pytest.mark.parametrize("name,kwargs,steps", STATIC_CASES)
-@pytest.mark.parametrize("solver,greedy", [("euler", True), ("heun", False), ("ancestral", False)])
+@pytest.mark.parametrize(
+    "solver,greedy",
+    [("euler", True), ("heun", False), ("midpoint", False), ("rk4", False), ("ancestral", False)],
+)
 def test_cached_equals_uncached(name, kwargs, steps, solver, greedy):
     outs = []
     for use_cache in (True, False):
@@ -487,3 +492,84 @@ def test_cli_errors(tmp_path, capsys):
     assert "valid names" in capsys.readouterr().err
     assert main(["sample", "--ckpt", str(tmp_path / "missing.ckpt")]) == 2
     assert main(["sample", "--ckpt", str(good), "--temperature", "-1"]) == 2
+
+
+# ------------------------------------------------------------------ backbone, solvers, layering
+def test_commit_forward_equals_commit_then_forward():
+    torch.manual_seed(2)
+    b, d = 2, TINY["d_embed"]
+    cache = NET.commit(
+        NET.new_cache(b), NET.embed(torch.randint(0, V, (b, 3))), torch.arange(3).expand(b, 3),
+        torch.arange(3),
+    )  # fmt: skip
+    new_ids = torch.randint(0, V, (b, 2))
+    committed = (NET.embed(new_ids), torch.tensor([[5, 5], [5, LIVE]]), torch.tensor([3, 4]))
+    z = torch.randn(b, 4, d, dtype=torch.float64)
+    t = torch.tensor([[1.0, 0.7, 0.3, 1.0]] * b, dtype=torch.float64)
+    o, pos = torch.full((b, 4), LIVE), torch.arange(5, 9).expand(b, 4)
+    with torch.no_grad():
+        out, fused = NET.commit_forward(cache, committed, z, t, o, pos)
+        two = NET.commit(cache, *committed)
+        want = NET(z, t, o, positions=pos, cache=two)
+    torch.testing.assert_close(out.logits, want.logits, rtol=0, atol=1e-12)
+    torch.testing.assert_close(out.difficulty, want.difficulty, rtol=0, atol=1e-12)
+    for k1, k2 in zip(fused.keys, two.keys, strict=True):
+        torch.testing.assert_close(k1, k2, rtol=0, atol=1e-12)
+    assert torch.equal(fused.orders, two.orders) and torch.equal(fused.positions, two.positions)
+    with pytest.raises(FlowtextError, match="increase"):  # orders checked as in commit
+        NET.commit_forward(fused, committed, z, t, o, pos)
+
+
+class TokenDrawingStep(solvers.Solver):
+    """Draws a token per moving token from the start readout, then z_s ~ q(z_s | z_t, e_v).
+
+    The shape of the ancestral-mixture sampler (theory §4b): it needs the logits, the embedding
+    table and categorical draws, which the decoder hands to every solver step.
+    """
+
+    name = "token-drawing"
+    stochastic = True
+
+    def step(self, field, z, t_now, t_next, *, noise=None, start=None):
+        pred = start if start is not None else field.predict(z, t_now)
+        moving = t_next < t_now
+        v = noise.categorical(torch.softmax(pred.logits, -1), moving)
+        mean, std = solvers.posterior(z, pred.table[v], t_now, t_next, field.schedule)
+        z_s = mean + std * noise.normal(z, moving)
+        return torch.where(moving[..., None], z_s, z)
+
+
+def test_a_token_drawing_solver_plugs_into_the_decoder():
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    common = dict(length=6, policy="synchronous", steps=3, solver=TokenDrawingStep())
+    gens = [gen(20 + i) for i in range(3)]
+    batched = generate(NET, SCHED, prompt=prompts, generator=gens, record=True, **common)
+    again = generate(
+        NET, SCHED, prompt=prompts, generator=[gen(20 + i) for i in range(3)], **common
+    )
+    assert again.tokens == batched.tokens
+    for i, p in enumerate(prompts):  # per-row draws: a row does not depend on the batch
+        single = generate(NET, SCHED, prompt=[p], generator=[gen(20 + i)], **common)
+        assert single.tokens[0] == batched.tokens[i]
+    uncached = generate(
+        NET, SCHED, prompt=prompts, generator=[gen(20 + i) for i in range(3)], use_cache=False,
+        **common,
+    )  # fmt: skip
+    assert uncached.tokens == batched.tokens
+    other = generate(
+        NET, SCHED, prompt=prompts, generator=[gen(90 + i) for i in range(3)], **common
+    )
+    assert other.tokens != batched.tokens  # the draws matter (the test can fail)
+
+
+def test_layers_point_down_at_import_time():
+    code = (
+        "import sys\n"
+        "import flowtext.flow\n"
+        "assert 'flowtext.solvers' not in sys.modules\n"
+        "import flowtext.policies\n"
+        "assert 'flowtext.decoding' not in sys.modules\n"
+        "import flowtext.decoding\n"
+        "assert not {'flowtext.lm', 'flowtext.checkpoint', 'flowtext.sample'} & set(sys.modules)\n"
+    )
+    subprocess.run([sys.executable, "-c", code], check=True)

@@ -10,7 +10,7 @@ from torchdiffeq import odeint
 
 from flowtext import policies, schedules, solvers
 from flowtext.errors import ConfigError, ShapeError, TimeRangeError
-from flowtext.flow import Field
+from flowtext.flow import Field, Prediction
 from flowtext.solvers import integrate
 
 from ._toyutil import make_toy, random_monotone_grid, transport_error
@@ -190,3 +190,73 @@ def test_integrate_bad_input():
         integrate(lambda z, t: z[..., :1], z, good, "linear")
     with pytest.raises(ValueError, match="valid names"):
         integrate(den, z, good, "linear", "rk45")
+
+
+# ------------------------------------------------------------- noise sources and start predictions
+STEP_SOLVERS = [n for n in solvers.names() if solvers.get(n).per_token]
+
+
+@pytest.mark.parametrize("name", STEP_SOLVERS)
+def test_a_given_start_prediction_is_the_first_evaluation(name):
+    """step(..., start=field.predict(z, t_now)) equals step(...), with one evaluation fewer."""
+    toy = make_toy(4, 2, 3)
+    calls = []
+
+    def den(z, t):
+        calls.append(1)
+        return toy.x0_hat(z, t, "cosine")
+
+    field = Field(den, schedules.get("cosine"))
+    z = torch.randn(2, 4, 2, dtype=torch.float64)
+    t_now = torch.tensor([[1.0, 0.6, 0.3, 0.0]] * 2, dtype=torch.float64)
+    t_next = torch.tensor([[0.8, 0.6, 0.1, 0.0]] * 2, dtype=torch.float64)
+
+    def run(start):
+        noise = solvers.GeneratorNoise(torch.Generator().manual_seed(4))
+        calls.clear()
+        out = solvers.get(name).step(field, z, t_now, t_next, noise=noise, start=start)
+        return out, len(calls)
+
+    plain, n_plain = run(None)
+    given, n_given = run(field.predict(z, t_now))
+    assert torch.equal(plain, given)
+    assert n_given == n_plain - 1
+
+
+def test_categorical_fields_carry_logits_and_table():
+    table = torch.randn(5, 3, dtype=torch.float64)
+
+    def predictor(z, t):
+        logits = z @ table.T
+        return Prediction(torch.softmax(logits, -1) @ table, logits, table)
+
+    field = Field.categorical(predictor, schedules.get("cosine"))
+    z = torch.randn(2, 4, 3, dtype=torch.float64)
+    t = torch.full((2, 4), 0.5, dtype=torch.float64)
+    pred = field.predict(z, t)
+    assert pred.logits.shape == (2, 4, 5) and pred.table is table
+    torch.testing.assert_close(field.x0_hat(z, t), pred.x0_hat, rtol=0, atol=0)
+    bad = Field.categorical(lambda z, t: Prediction(z[..., :1]), schedules.get("cosine"))
+    with pytest.raises(ShapeError, match="denoiser returned"):
+        bad.velocity(z, t)
+
+
+def test_generator_noise_is_seeded_and_respects_the_support():
+    probs = torch.tensor([[[0.0, 0.5, 0.5], [1.0, 0.0, 0.0]]]).expand(200, 2, 3)
+    where = torch.ones(200, 2, dtype=torch.bool)
+
+    def draw(seed):
+        return solvers.GeneratorNoise(torch.Generator().manual_seed(seed)).categorical(probs, where)
+
+    ids = draw(0)
+    assert ids.shape == (200, 2) and torch.equal(ids, draw(0))
+    assert bool((ids[:, 0] > 0).all()) and bool((ids[:, 1] == 0).all())
+    assert 50 < int((ids[:, 0] == 1).sum()) < 150
+    like = torch.zeros(3, 2, 4)
+    eps = solvers.GeneratorNoise(torch.Generator().manual_seed(1)).normal(like, where[:3])
+    assert eps.shape == like.shape and eps.dtype == like.dtype and float(eps.std()) > 0.5
+
+
+def test_decoding_refuses_one_clock_solvers_only():
+    assert not solvers.get("torchdiffeq").per_token
+    assert all(solvers.get(n).per_token for n in ["euler", "midpoint", "heun", "rk4", "ancestral"])

@@ -123,3 +123,83 @@ def test_bad_arguments_raise_clear_errors():
         policies.get("zigzag")
     with pytest.raises(ConfigError):
         policies.get("autoregressive", size=2)
+
+
+# ------------------------------------------------------------- the one awake / next_times interface
+def _every_policy():
+    kwargs = {"block": {"size": 2}}
+    return [policies.get(n, **kwargs.get(n, {})) for n in policies.names()]
+
+
+def _random_view(policy, seed, length=8, steps=8):
+    """A mid-decoding view: some tokens committed, some mid-flight, some at t = 1."""
+    g = torch.Generator().manual_seed(seed)
+    b = 3
+    t = torch.rand(b, length, generator=g, dtype=torch.float64)
+    t = torch.where(t < 0.3, 0.0, torch.where(t > 0.7, 1.0, t))
+    live = t > 0
+    step = int(torch.randint(0, steps, (), generator=g))
+    plan = policy.plan(length, steps, dtype=torch.float64, device=None)
+    view = policies.PolicyView(t, live, step, steps, plan)
+    awake = policy.awake(view)
+    n = int(awake.sum(1).max())
+    index = torch.argsort((~awake).to(torch.int8), dim=1, stable=True)[:, :n]
+    ev = policies.Evaluation(
+        logits=3 * torch.randn(b, n, 11, generator=g, dtype=torch.float64),
+        difficulty=torch.rand(b, n, generator=g, dtype=torch.float64),
+        index=index,
+        valid=torch.gather(awake, 1, index),
+    )
+    return policies.PolicyView(t, live, step, steps, plan, ev), awake
+
+
+@pytest.mark.parametrize("policy", _every_policy(), ids=policies.names())
+@given(seed=st.integers(0, 10_000))
+def test_every_policy_moves_only_awake_tokens_and_never_back(policy, seed):
+    view, awake = _random_view(policy, seed)
+    assert not bool((awake & ~view.live).any())
+    nxt = policy.next_times(view)
+    assert nxt.shape == view.t.shape
+    assert bool((nxt <= view.t).all()) and bool((nxt >= 0).all())
+    assert torch.equal(nxt[~awake], view.t[~awake])
+
+
+@pytest.mark.parametrize("key", list(STATIC))
+@given(length=st.integers(1, 12), mult=st.integers(1, 3))
+def test_static_next_times_read_the_grid(key, length, mult):
+    policy = build(key)
+    steps = valid_steps(policy, length, mult)
+    grid = policy.grid(length, steps, dtype=torch.float64)
+    plan = policy.plan(length, steps, dtype=torch.float64, device=None)
+    assert torch.equal(plan, grid)
+    t = grid[0][None].clone()
+    for k in range(steps):  # following next_times from t = 1 walks the grid exactly
+        view = policies.PolicyView(t, t > 0, k, steps, plan if k % 2 else None)
+        awake = policy.awake(view)
+        t = policy.next_times(view)
+        assert torch.equal(t[0], grid[k + 1])
+        moved = grid[k + 1] < grid[k]
+        assert bool((awake[0] | ~moved).all())  # every moving token is awake
+
+
+def test_adaptive_needs_the_evaluation():
+    pol = policies.get("adaptive", window=2)
+    t = torch.ones(1, 4, dtype=torch.float64)
+    view = policies.PolicyView(t, t > 0, 0, 4)
+    assert pol.awake(view).tolist() == [[True, True, False, False]]
+    with pytest.raises(ConfigError, match="evaluation"):
+        pol.next_times(view)
+    with pytest.raises(ConfigError, match="evaluation"):
+        view.spread(torch.zeros(1, 2))
+
+
+def test_spread_scatters_back_to_positions():
+    ev = policies.Evaluation(
+        logits=torch.zeros(2, 2, 3),
+        difficulty=torch.zeros(2, 2),
+        index=torch.tensor([[1, 3], [0, 0]]),
+        valid=torch.tensor([[True, True], [True, False]]),
+    )
+    view = policies.PolicyView(torch.ones(2, 4), torch.ones(2, 4, dtype=torch.bool), 0, 1, None, ev)
+    out = view.spread(torch.tensor([[5.0, 7.0], [9.0, 11.0]]), fill=-1.0)
+    assert out.tolist() == [[-1, 5, -1, 7], [9, -1, -1, -1]]

@@ -27,7 +27,7 @@ class Settings:
         length: Tokens to generate per row ``L``.
         steps: Global steps ``K`` (grid of a static policy, budget of an adaptive one).
         policy: The progression-time policy.
-        solver: A Runge–Kutta or ancestral solver.
+        solver: A solver that steps per-token times (Runge–Kutta, ancestral).
         schedule: The noise schedule.
         temperature: Commit temperature.
         top_p: Nucleus mass.
@@ -87,9 +87,10 @@ def check_settings(
         raise ConfigError(f"fixed_order must be 'causal' or 'joint', got {fixed_order!r}")
     policy = _resolve_policy(policy, policy_kwargs)
     solver = _solvers.resolve(solver)
-    if not isinstance(solver, (_solvers.RungeKutta, _solvers.Ancestral)):
+    if not solver.per_token:
         raise ConfigError(
-            f"decoding supports the Runge–Kutta solvers and ancestral, not {solver.name!r}"
+            f"decoding needs a solver that steps per-token times (the Runge–Kutta solvers, "
+            f"ancestral), not {solver.name!r}"
         )
     schedule = _schedules.resolve(schedule)
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < vocab):

@@ -214,12 +214,12 @@ class FlowTransformer(nn.Module):
 
         Args:
             cache: Current cache (unchanged; a new one is returned).
-            committed: ``(z_c [B, n, d_embed], o_c [B, n], positions_c [B, n])`` of the newly
-                committed tokens, as for :meth:`commit` (padding has order ``LIVE``).
+            committed: ``(z_c [B, n, d_embed], o_c [B, n], positions_c [B, n] or [n])`` of the
+                newly committed tokens, as for :meth:`commit` (padding has order ``LIVE``).
             z: Query latents ``[B, m, d_embed]``.
             t: Query times ``[B, m]``.
             o: Query orders ``[B, m]``.
-            positions: Query positions ``[B, m]``.
+            positions: Query positions ``[B, m]`` or ``[m]``.
 
         Returns:
             ``(FlowOutput of the m queries, cache extended by the n committed tokens)``.
@@ -229,8 +229,11 @@ class FlowTransformer(nn.Module):
             TimeRangeError: Commit orders above ``LIVE`` or not after the cached ones.
         """
         zc, oc, pc = committed
+        self._check(z, t, o, cache)
         self._check_commit_orders(cache, oc)
         n = zc.shape[1]
+        pc = self._positions(pc, *oc.shape, cache.length, oc.device)
+        positions = self._positions(positions, *t.shape, cache.length + n, t.device)
         t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
         h, kv = self._trunk(
             torch.cat([zc, z], 1),
