@@ -16,6 +16,7 @@ import pickle
 import re
 import zipfile
 from collections.abc import Sequence
+from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
@@ -24,6 +25,7 @@ import torch
 from flowtext.data import ByteTokenizer, tokenizer_from_state
 from flowtext.errors import CheckpointError, FlowtextError
 from flowtext.lm import FlowLM
+from flowtext.regime import TrainingRegime
 
 __all__ = ["RawBytes", "load_checkpoint", "read_checkpoint"]
 
@@ -98,8 +100,18 @@ def read_checkpoint(path: str | Path, map_location: str | torch.device = "cpu") 
     return ckpt
 
 
+def _regime_hparams(hp: dict[str, Any]) -> dict[str, Any]:
+    """Checkpoints written before :class:`TrainingRegime` keep its fields at the top level."""
+    names = {f.name for f in fields(TrainingRegime)} | {"train_block_sizes"}
+    old = {k: hp.pop(k) for k in list(hp) if k in names}
+    if old and "regime" not in hp:
+        old["block_sizes"] = old.pop("train_block_sizes", old.get("block_sizes", (1,)))
+        hp["regime"] = old
+    return hp
+
+
 def _build_module(ckpt: dict[str, Any], path: Path) -> FlowLM:
-    hp = dict(ckpt.get("hyper_parameters") or {})
+    hp = _regime_hparams(dict(ckpt.get("hyper_parameters") or {}))
     allowed = set(inspect.signature(FlowLM.__init__).parameters) - {"self", "optimizer"}
     try:
         lm = FlowLM(**{k: v for k, v in hp.items() if k in allowed})

@@ -1,18 +1,16 @@
 """Lightning modules: one flow LM, and Evo, AR and diffusion as configurations of it.
 
 :class:`FlowLM` owns a :class:`~flowtext.nn.FlowTransformer` (the shared vector field), a noise
-schedule, and a *training regime* — which static policies' ELBOs it is trained on:
-
-* two-stream batches (``train_block_sizes``): the ``block(B)`` bound with ``steps_per_block``
-  steps per block, ``B`` drawn per batch (``B = 1`` is AR with one jump; ``0`` means one block =
-  the whole sequence, i.e. diffusion);
-* single-stream batches (``single_stream_fraction``): the bound of a ``diagonal(w)`` policy with
-  a random width, whose states mix committed, partially denoised and pure-noise tokens at
-  different times — the states an adaptive decoder visits.
-
-:class:`AutoregressiveLM`, :class:`DiffusionLM` and :class:`Evo` only change these defaults.
-Validation scores one checkpoint in every regime: the ELBO in bits per byte under
+schedule, and a :class:`~flowtext.regime.TrainingRegime` — which static policies' ELBOs it is
+trained on (two-stream ``block(B)`` bounds, ``B = 1`` being AR and ``B = 0`` the whole sequence,
+and single-stream ``diagonal(w)`` bounds), how their steps are drawn and how the loss is
+weighted. :meth:`FlowLM.policy_bound` estimates the ELBO of any static policy; training draws one
+bound per batch from the regime, and validation scores every checkpoint in bits per byte under
 ``autoregressive``, ``block(val_block_size)`` and ``synchronous``.
+
+:class:`AutoregressiveLM`, :class:`DiffusionLM` and :class:`Evo` only change the default regime
+(:meth:`TrainingRegime.autoregressive`, :meth:`~TrainingRegime.diffusion`,
+:meth:`~TrainingRegime.evo`).
 """
 
 from __future__ import annotations
@@ -20,19 +18,25 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import math
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator
 from dataclasses import asdict
 
 import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from flowtext import policies as _policies
 from flowtext import schedules as _schedules
 from flowtext.errors import ConfigError, NonFiniteError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
+from flowtext.regime import DrawnBound, TrainingRegime, block_bound
 
 __all__ = ["AutoregressiveLM", "DiffusionLM", "Evo", "FlowLM"]
+
+_AUTOREGRESSIVE = TrainingRegime.autoregressive()
+_DIFFUSION = TrainingRegime.diffusion()
+_EVO = TrainingRegime.evo()
 
 
 class FlowLM(L.LightningModule):
@@ -43,16 +47,8 @@ class FlowLM(L.LightningModule):
             links it automatically).
         schedule: Noise schedule name (see :mod:`flowtext.schedules`).
         schedule_kwargs: Keyword arguments of the schedule.
-        train_block_sizes: Block sizes of the two-stream ELBO drawn per batch; ``0`` = one block
-            over the whole sequence (diffusion), ``1`` = AR.
-        steps_per_block: Steps per block ``m`` of the discretized block policy for blocks of
-            more than one token (single tokens always jump 1 -> 0 in one step, as AR).
-        t_min: Smallest positive time inside a block; ``None`` = ``1 / steps_per_block``.
-        single_stream_fraction: Probability that a batch is trained single-stream on a random
-            ``diagonal`` policy instead.
-        diagonal_widths: Widths the single-stream batches draw from.
-        diagonal_steps: Steps per token of those diagonal grids.
-        difficulty_weight: Weight of the progression-time head's regression loss.
+        regime: What the model trains on (a :class:`~flowtext.regime.TrainingRegime`, or its
+            :meth:`~flowtext.regime.TrainingRegime.to_dict` form from a checkpoint).
         val_block_size: Block size of the ``block`` validation policy.
         val_steps_per_block: Steps per block of the ``block`` and ``synchronous`` validation
             policies.
@@ -72,13 +68,7 @@ class FlowLM(L.LightningModule):
         net: FlowTransformerConfig | dict | None = None,
         schedule: str = "cosine",
         schedule_kwargs: dict | None = None,
-        train_block_sizes: Sequence[int] = (1,),
-        steps_per_block: int = 1,
-        t_min: float | None = None,
-        single_stream_fraction: float = 0.0,
-        diagonal_widths: Sequence[float] = (0.1, 0.25, 0.5),
-        diagonal_steps: int = 4,
-        difficulty_weight: float = 0.0,
+        regime: TrainingRegime = _AUTOREGRESSIVE,
         val_block_size: int = 8,
         val_steps_per_block: int = 32,
         bytes_per_token: float = 1.0,
@@ -91,20 +81,16 @@ class FlowLM(L.LightningModule):
         if isinstance(net, dict):  # from a checkpoint's hyper-parameters
             net = FlowTransformerConfig(**net)
         net = net if net is not None else FlowTransformerConfig()
+        if isinstance(regime, dict):  # from a checkpoint's hyper-parameters
+            regime = TrainingRegime(**regime)
+        if not isinstance(regime, TrainingRegime):
+            raise ConfigError(f"regime must be a TrainingRegime, got {type(regime).__name__}")
         self.save_hyperparameters(ignore=["optimizer"])
-        self.hparams["net"] = asdict(net)
-        self._check_regime(
-            train_block_sizes, steps_per_block, t_min, single_stream_fraction, diagonal_widths
-        )
+        self.hparams["net"] = asdict(net)  # plain data: checkpoints are read as data
+        self.hparams["regime"] = regime.to_dict()
         self.net = FlowTransformer(net)
         self.schedule = _schedules.get(schedule, **(schedule_kwargs or {}))
-        self.train_block_sizes = [int(b) for b in train_block_sizes]
-        self.steps_per_block = steps_per_block
-        self.t_min = t_min
-        self.single_stream_fraction = single_stream_fraction
-        self.diagonal_widths = [float(w) for w in diagonal_widths]
-        self.diagonal_steps = diagonal_steps
-        self.difficulty_weight = difficulty_weight
+        self.regime = regime
         self.val_block_size = val_block_size
         self.val_steps_per_block = val_steps_per_block
         self.bytes_per_token = bytes_per_token
@@ -113,31 +99,6 @@ class FlowLM(L.LightningModule):
         self.max_lr_steps = max_lr_steps
         self.seed = int(seed)
         self._gen = torch.Generator().manual_seed(self.seed)
-
-    @staticmethod
-    def _check_regime(block_sizes, steps, t_min, fraction, widths) -> None:
-        if not 0.0 <= fraction <= 1.0:
-            raise ConfigError(f"single_stream_fraction must lie in [0, 1], got {fraction}")
-        if fraction < 1.0 and not block_sizes:
-            raise ConfigError(
-                "train_block_sizes is empty but single_stream_fraction < 1: give block sizes "
-                "(1 = AR, 0 = whole sequence) or set single_stream_fraction: 1.0"
-            )
-        if any(int(b) < 0 for b in block_sizes):
-            raise ConfigError(
-                f"train_block_sizes must be >= 0 (0 = whole sequence), got {block_sizes}"
-            )
-        if steps < 1:
-            raise ConfigError(f"steps_per_block must be >= 1, got {steps}")
-        if t_min is not None and not 0 < t_min < 1:
-            raise ConfigError(f"t_min must lie in (0, 1), got {t_min}")
-        if steps == 1 and any(int(b) != 1 for b in block_sizes) and fraction < 1.0:
-            raise ConfigError(
-                "steps_per_block = 1 commits whole blocks in one jump from pure noise, which only "
-                "makes sense for block size 1 (AR); use steps_per_block > 1 for larger blocks"
-            )
-        if fraction > 0 and (not widths or any(w <= 0 for w in widths)):
-            raise ConfigError(f"diagonal_widths must be positive numbers, got {widths}")
 
     # ------------------------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
@@ -164,35 +125,76 @@ class FlowLM(L.LightningModule):
             checkpoint["flowtext_tokenizer"] = tok.state_dict()
 
     # ----------------------------------------------------------------------------------- losses
-    def _block_loss(self, tokens: torch.Tensor, block_size: int, steps: int) -> LossTerms:
-        size = tokens.shape[1] if block_size == 0 else block_size
-        m = 1 if size == 1 else steps
-        return two_stream_loss(
-            self.net,
-            tokens,
-            self.schedule,
-            block_size=size,
-            steps_per_block=m,
-            t_min=self.t_min if m > 1 else None,
-            generator=self._gen,
-        )
+    def policy_bound(
+        self,
+        tokens: torch.Tensor,
+        policy: _policies.StaticPolicy | str,
+        steps: int,
+        *,
+        t_min: float | None = None,
+        generator: torch.Generator | None = None,
+    ) -> LossTerms:
+        """One unbiased Monte Carlo estimate of the ELBO of a static policy, per token.
 
-    def _diagonal_loss(self, tokens: torch.Tensor, regime: torch.Generator) -> LossTerms:
-        from flowtext.policies import Diagonal
+        Block policies (``autoregressive``, ``block(B)``, ``synchronous`` = one block) use the
+        two-stream estimator (:func:`~flowtext.objectives.two_stream_loss`, every block scored
+        in one pass) with ``m = steps / n_blocks`` steps per block; any other static policy
+        (``diagonal``) uses the single-stream estimator
+        (:func:`~flowtext.objectives.single_stream_loss`) on ``policy.grid(L, steps)``. Steps
+        are drawn as the regime's ``step_sampling`` says.
 
-        i = int(torch.randint(len(self.diagonal_widths), (1,), generator=regime))
-        length = tokens.shape[1]
-        grid = Diagonal(width=self.diagonal_widths[i]).grid(
-            length, length * self.diagonal_steps, dtype=torch.float64
+        Args:
+            tokens: ``[B, L]`` token ids.
+            policy: A static policy or its registry name.
+            steps: Global steps ``K`` of the discretization (as in ``policy.grid(L, K)`` and
+                :func:`~flowtext.decoding.generate`); a multiple of the number of blocks.
+            t_min: Smallest positive time of the grid; ``None``: the regime's (``t_min`` inside
+                blocks of ``m > 1`` steps, :attr:`~TrainingRegime.grid_t_min` for other grids).
+            generator: Noise and step generator; ``None``: the model's (seeded per batch).
+
+        Returns:
+            :class:`~flowtext.objectives.LossTerms`; ``nats`` ``[B, L]`` sums over tokens to an
+            upper bound of ``-log p(x)`` in expectation.
+
+        Raises:
+            ConfigError: A policy without a static grid, or ``steps`` it cannot use.
+        """
+        policy = _policies.resolve(policy)
+        gen = generator if generator is not None else self._gen
+        length, sampling = tokens.shape[1], self.regime.step_sampling
+        if not getattr(policy, "static", False):
+            raise ConfigError(f"policy_bound needs a static policy, got {policy!r}")
+        if isinstance(policy, (_policies.Block, _policies.Synchronous)):
+            size = length if isinstance(policy, _policies.Synchronous) else policy.size
+            n_blocks = -(-length // min(size, length))
+            if not isinstance(steps, int) or steps < 1 or steps % n_blocks:
+                raise ConfigError(f"steps must be a positive multiple of {n_blocks}, got {steps}")
+            m = steps // n_blocks
+            t_min = t_min if t_min is not None else self.regime.t_min
+            return two_stream_loss(
+                self.net,
+                tokens,
+                self.schedule,
+                block_size=size,
+                steps_per_block=m,
+                t_min=t_min if m > 1 else None,
+                generator=gen,
+                sampling=sampling,
+            )
+        grid = with_t_min(
+            policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
         )
-        # the ramp's clipping leaves arbitrarily small positive times; the ELBO needs a t_min
-        grid = with_t_min(grid, self.t_min or 1.0 / max(2, self.steps_per_block))
-        return single_stream_loss(self.net, tokens, grid, self.schedule, generator=self._gen)
+        return single_stream_loss(
+            self.net, tokens, grid, self.schedule, generator=gen, sampling=sampling
+        )
 
     def training_loss(
         self, tokens: torch.Tensor, *, regime_generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One Monte Carlo draw of the training objective.
+
+        Draws one bound from the regime (:meth:`TrainingRegime.draw`) and estimates it with
+        :meth:`policy_bound`.
 
         Args:
             tokens: ``[B, L]``.
@@ -203,20 +205,15 @@ class FlowLM(L.LightningModule):
             ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted difficulty loss)
             and values to log.
         """
-        regime = regime_generator if regime_generator is not None else self._gen
-        u = float(torch.rand((), generator=regime))
-        if u < self.single_stream_fraction:
-            terms, kind = self._diagonal_loss(tokens, regime), "diagonal"
-        else:
-            i = int(torch.randint(len(self.train_block_sizes), (1,), generator=regime))
-            b = self.train_block_sizes[i]
-            terms, kind = self._block_loss(tokens, b, self.steps_per_block), f"block{b}"
+        gen = regime_generator if regime_generator is not None else self._gen
+        bound: DrawnBound = self.regime.draw(tokens.shape[1], gen)
+        terms = self.policy_bound(tokens, bound.policy, bound.steps)
         elbo = terms.nats.mean()
         loss = elbo
-        logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{kind}": elbo / LN2}
-        if self.difficulty_weight > 0:
+        logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{bound.label}": elbo / LN2}
+        if self.regime.difficulty_weight > 0:
             dl = terms.difficulty_loss()
-            loss = loss + self.difficulty_weight * dl
+            loss = loss + self.regime.difficulty_weight * dl
             logs["train/difficulty_mse"] = dl
         return loss, logs
 
@@ -312,13 +309,15 @@ class FlowLM(L.LightningModule):
             "last checkpoint is untouched)"
         )
 
-    def validation_policies(self) -> dict[str, tuple[int, int]]:
-        """Validation policy name -> (block size, steps per block); ``0`` = whole sequence."""
-        return {
-            "ar": (1, 1),
-            f"block{self.val_block_size}": (self.val_block_size, self.val_steps_per_block),
-            "sync": (0, self.val_steps_per_block),
-        }
+    def validation_bounds(self, length: int) -> dict[str, DrawnBound]:
+        """Validation name -> bound: ``ar``, ``block<val_block_size>`` and ``sync``.
+
+        Args:
+            length: Sequence length ``L``.
+        """
+        sizes = {"ar": 1, f"block{self.val_block_size}": self.val_block_size, "sync": 0}
+        m = self.val_steps_per_block
+        return {name: block_bound(size, m, length) for name, size in sizes.items()}
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: D102
         tokens = batch["tokens"] if isinstance(batch, dict) else batch
@@ -327,8 +326,8 @@ class FlowLM(L.LightningModule):
             (0, 1) if self._trainer is None else (self.trainer.global_rank, self.trainer.world_size)
         )
         self._gen.manual_seed(self._key(2, dataloader_idx, batch_idx * world + rank))
-        for name, (size, steps) in self.validation_policies().items():
-            nats = self._block_loss(tokens, size, steps).nats.mean()
+        for name, bound in self.validation_bounds(tokens.shape[1]).items():
+            nats = self.policy_bound(tokens, bound.policy, bound.steps).nats.mean()
             bpb = nats / LN2 / self.bytes_per_token
             self.log(
                 f"val/bpb_{name}",
@@ -374,56 +373,24 @@ class FlowLM(L.LightningModule):
 class AutoregressiveLM(FlowLM):
     """Pure AR: trained only on ``block(1)`` with one jump per token (teacher forcing).
 
-    The ELBO is then exactly the AR negative log-likelihood. Arguments as :class:`FlowLM`.
+    The ELBO is then exactly the AR negative log-likelihood. Arguments as :class:`FlowLM`; the
+    default regime is :meth:`TrainingRegime.autoregressive`.
     """
 
-    def __init__(
-        self,
-        net: FlowTransformerConfig | None = None,
-        schedule: str = "cosine",
-        train_block_sizes: Sequence[int] = (1,),
-        steps_per_block: int = 1,
-        single_stream_fraction: float = 0.0,
-        difficulty_weight: float = 0.0,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            net=net,
-            schedule=schedule,
-            train_block_sizes=train_block_sizes,
-            steps_per_block=steps_per_block,
-            single_stream_fraction=single_stream_fraction,
-            difficulty_weight=difficulty_weight,
-            **kwargs,
-        )
+    def __init__(self, regime: TrainingRegime = _AUTOREGRESSIVE, **kwargs) -> None:
+        super().__init__(regime=regime, **kwargs)
 
 
 class DiffusionLM(FlowLM):
     """Pure diffusion: one block over the whole sequence, ``steps_per_block`` synchronous steps.
 
     As ``steps_per_block`` grows the bound tends to the continuous-time ELBO of an embedding
-    diffusion LM on ``[t_min, 1]``. Arguments as :class:`FlowLM`.
+    diffusion LM on ``[t_min, 1]``. Arguments as :class:`FlowLM`; the default regime is
+    :meth:`TrainingRegime.diffusion`.
     """
 
-    def __init__(
-        self,
-        net: FlowTransformerConfig | None = None,
-        schedule: str = "cosine",
-        train_block_sizes: Sequence[int] = (0,),
-        steps_per_block: int = 64,
-        single_stream_fraction: float = 0.0,
-        difficulty_weight: float = 0.0,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            net=net,
-            schedule=schedule,
-            train_block_sizes=train_block_sizes,
-            steps_per_block=steps_per_block,
-            single_stream_fraction=single_stream_fraction,
-            difficulty_weight=difficulty_weight,
-            **kwargs,
-        )
+    def __init__(self, regime: TrainingRegime = _DIFFUSION, **kwargs) -> None:
+        super().__init__(regime=regime, **kwargs)
 
 
 class Evo(FlowLM):
@@ -431,25 +398,9 @@ class Evo(FlowLM):
 
     The mixture covers the states the adaptive decoder visits (committed prefixes, partially
     denoised tokens at different times, pure noise), and the progression-time head learns each
-    token's commit loss. Arguments as :class:`FlowLM`.
+    token's commit loss. Arguments as :class:`FlowLM`; the default regime is
+    :meth:`TrainingRegime.evo`.
     """
 
-    def __init__(
-        self,
-        net: FlowTransformerConfig | None = None,
-        schedule: str = "cosine",
-        train_block_sizes: Sequence[int] = (1, 1, 2, 4, 8, 0),
-        steps_per_block: int = 16,
-        single_stream_fraction: float = 0.25,
-        difficulty_weight: float = 0.1,
-        **kwargs,
-    ) -> None:
-        super().__init__(
-            net=net,
-            schedule=schedule,
-            train_block_sizes=train_block_sizes,
-            steps_per_block=steps_per_block,
-            single_stream_fraction=single_stream_fraction,
-            difficulty_weight=difficulty_weight,
-            **kwargs,
-        )
+    def __init__(self, regime: TrainingRegime = _EVO, **kwargs) -> None:
+        super().__init__(regime=regime, **kwargs)

@@ -45,6 +45,7 @@ __all__ = [
     "discrete_elbo",
     "gaussian_kl_weight",
     "prior_kl",
+    "sample_steps",
     "single_stream_loss",
     "stratified_uniform",
     "two_stream_loss",
@@ -95,6 +96,41 @@ def stratified_uniform(n: int, *, generator: torch.Generator | None = None, devi
         + torch.rand(n, generator=generator, dtype=torch.float64)
     ) / n
     return u[torch.randperm(n, generator=generator)].to(device)
+
+
+STEP_SAMPLINGS = ("stratified", "independent")
+"""How an estimator draws each row's (or block's) step: see :func:`sample_steps`."""
+
+
+def sample_steps(
+    n: int,
+    n_steps: int,
+    *,
+    sampling: str = "stratified",
+    generator: torch.Generator | None = None,
+) -> Tensor:
+    """``n`` step indices, each uniform on ``1..n_steps``.
+
+    Args:
+        n: Number of draws (rows, or rows times blocks).
+        n_steps: Number of steps ``K``.
+        sampling: ``stratified``: :func:`stratified_uniform` (one draw per stratum, shuffled;
+            lower variance over the ``n`` draws); ``independent``: i.i.d. uniforms.
+        generator: Random generator.
+
+    Returns:
+        ``[n]`` long, in ``1..n_steps`` (on the CPU).
+
+    Raises:
+        ConfigError: Unknown ``sampling``.
+    """
+    if sampling == "stratified":
+        u = stratified_uniform(n, generator=generator)
+    elif sampling == "independent":
+        u = torch.rand(n, generator=generator, dtype=torch.float64)
+    else:
+        raise ConfigError(f"unknown step sampling {sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}")
+    return (u * n_steps).long().clamp_max(n_steps - 1) + 1
 
 
 def commit_steps(grid: Tensor) -> Tensor:
@@ -279,11 +315,12 @@ def single_stream_loss(
     schedule: NoiseSchedule,
     *,
     generator: torch.Generator | None = None,
+    sampling: str = "stratified",
 ) -> LossTerms:
     """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
 
-    Each row draws one step ``k`` (stratified over the batch), is evaluated at ``z^{k-1}`` and
-    weighted by ``K``.
+    Each row draws one step ``k`` (by ``sampling`` over the batch), is evaluated at ``z^{k-1}``
+    and weighted by ``K``.
 
     Args:
         net: The flow network.
@@ -291,6 +328,7 @@ def single_stream_loss(
         grid: ``[K + 1, L]``.
         schedule: The noise schedule.
         generator: Random generator.
+        sampling: How the rows' steps are drawn (:func:`sample_steps`).
 
     Returns:
         :class:`LossTerms` (``nats`` includes the prior term).
@@ -300,8 +338,7 @@ def single_stream_loss(
     grid = grid.to(device=tokens.device)
     x_emb = net.embed(tokens)
     n_steps = grid.shape[0] - 1
-    k = (stratified_uniform(b, generator=generator) * n_steps).long().clamp_max(n_steps - 1) + 1
-    k = k.to(tokens.device)
+    k = sample_steps(b, n_steps, sampling=sampling, generator=generator).to(tokens.device)
     t_prev = grid[k - 1].to(x_emb.dtype)
     t_next = grid[k].to(x_emb.dtype)
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
@@ -327,14 +364,15 @@ def two_stream_loss(
     steps_per_block: int = 1,
     t_min: float | None = None,
     generator: torch.Generator | None = None,
+    sampling: str = "stratified",
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
     The clean stream holds every token committed (order = block id); the noisy stream holds
     block ``b`` at the state before its ``j_b``-th transition, ``j_b`` uniform in
-    ``1..steps_per_block`` (stratified). With ``steps_per_block = 1`` and ``block_size = 1`` the
-    result is exactly teacher-forced AR cross-entropy; with one block it is diffusion training,
-    and the clean stream (invisible to the noisy one) is skipped.
+    ``1..steps_per_block`` (drawn by ``sampling``). With ``steps_per_block = 1`` and
+    ``block_size = 1`` the result is exactly teacher-forced AR cross-entropy; with one block it
+    is diffusion training, and the clean stream (invisible to the noisy one) is skipped.
 
     Args:
         net: The flow network.
@@ -344,6 +382,7 @@ def two_stream_loss(
         steps_per_block: ``m``, steps per block of the discretized policy.
         t_min: Smallest positive time inside a block (default ``1/m``).
         generator: Random generator.
+        sampling: How the blocks' sub-steps are drawn (:func:`sample_steps`).
 
     Returns:
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
@@ -361,7 +400,7 @@ def two_stream_loss(
     tau = block_grid(1, 1, m, t_min)[:, 0]  # [m + 1], float64
     block_ids = (torch.arange(length, device=dev) // block_size)[None, :].expand(b, -1)
     n_blocks = int(block_ids.max()) + 1
-    j = (stratified_uniform(b * n_blocks, generator=generator) * m).long().clamp_max(m - 1) + 1
+    j = sample_steps(b * n_blocks, m, sampling=sampling, generator=generator)
     j = j.view(b, n_blocks).to(dev)
     j_tok = torch.gather(j, 1, block_ids)
     tau = tau.to(device=dev, dtype=x_emb.dtype)

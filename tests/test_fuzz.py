@@ -326,7 +326,7 @@ CLI_ARGS = st.one_of(
                 "--data.batch_size",
                 "--data.corpus",
                 "--data.tokenizer",
-                "--model.init_args.steps_per_block",
+                "--model.init_args.regime.steps_per_block",
                 "--model.init_args.schedule",
                 "--trainer.precision",
                 "--trainer.val_check_interval",

@@ -1,14 +1,18 @@
 """The Lightning modules: one code path, three configurations, regimes validated."""
 
 import inspect
+import math
 
 import pytest
 import torch
 
 import flowtext
+from flowtext import policies
 from flowtext.errors import ConfigError
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
+from flowtext.objectives import single_stream_loss, two_stream_loss, with_t_min
+from flowtext.regime import TrainingRegime
 
 TINY = dict(
     vocab_size=13,
@@ -31,6 +35,11 @@ def test_special_cases_are_configurations_of_one_module(cls):
     assert set(inspect.signature(cls).parameters) - {"kwargs"} <= set(
         inspect.signature(FlowLM).parameters
     )
+    # the default regime is the only difference, and it is one of TrainingRegime's presets
+    default = inspect.signature(cls).parameters["regime"].default
+    presets = {"Evo": "evo", "AutoregressiveLM": "autoregressive", "DiffusionLM": "diffusion"}
+    assert default == getattr(TrainingRegime, presets[cls.__name__])()
+    assert cls(net=FlowTransformerConfig(**TINY)).regime == default
 
 
 @pytest.mark.parametrize("cls", [flowtext.Evo, flowtext.AutoregressiveLM, flowtext.DiffusionLM])
@@ -45,7 +54,7 @@ def test_training_and_validation_steps_run(cls):
     trained = [
         (n, p)
         for n, p in model.net.named_parameters()
-        if model.difficulty_weight > 0 or not n.startswith("difficulty_head")
+        if model.regime.difficulty_weight > 0 or not n.startswith("difficulty_head")
     ]
     assert all(p.grad is not None for _, p in trained), [n for n, p in trained if p.grad is None]
     logged = {}
@@ -70,20 +79,126 @@ def test_ar_module_trains_exactly_the_ar_likelihood():
 @pytest.mark.parametrize(
     "kwargs, match",
     [
-        (dict(train_block_sizes=(4,), steps_per_block=1), "steps_per_block"),
+        (dict(block_sizes=(4,), steps_per_block=1), "steps_per_block"),
         (dict(single_stream_fraction=1.5), "single_stream_fraction"),
-        (dict(train_block_sizes=(), single_stream_fraction=0.0), "train_block_sizes"),
-        (dict(train_block_sizes=(-2,)), ">= 0"),
-        (dict(t_min=1.0, steps_per_block=4, train_block_sizes=(4,)), "t_min"),
-        (dict(schedule="cosinus"), "valid names"),
+        (dict(block_sizes=(), single_stream_fraction=0.0), "block_sizes"),
+        (dict(block_sizes=(-2,)), ">= 0"),
+        (dict(block_sizes=(1.5,)), "integers"),
+        (dict(t_min=1.0, steps_per_block=4, block_sizes=(4,)), "t_min"),
+        (dict(single_stream_fraction=0.5, diagonal_widths=(0.0,)), "diagonal_widths"),
+        (dict(single_stream_fraction=0.5, diagonal_steps=0), "diagonal_steps"),
+        (dict(difficulty_weight=-1.0), "difficulty_weight"),
+        (dict(step_sampling="sobol"), "step_sampling"),
     ],
 )
-def test_incompatible_configs_fail_with_a_clear_error(kwargs, match):
+def test_incompatible_regimes_fail_with_a_clear_error(kwargs, match):
     with pytest.raises(ConfigError, match=match):
-        FlowLM(net=FlowTransformerConfig(**TINY), **kwargs)
+        TrainingRegime(**kwargs)
+
+
+def test_bad_model_arguments_fail_with_a_clear_error():
+    with pytest.raises(ConfigError, match="valid names"):
+        FlowLM(net=FlowTransformerConfig(**TINY), schedule="cosinus")
+    with pytest.raises(ConfigError, match="TrainingRegime"):
+        FlowLM(net=FlowTransformerConfig(**TINY), regime=[1, 2])
+
+
+@pytest.mark.parametrize("regime", [TrainingRegime.evo(), TrainingRegime(single_stream_fraction=1)])
+def test_regime_draws_follow_its_stated_probabilities(regime):
+    gen, n = torch.Generator().manual_seed(0), 3000
+    counts: dict[str, int] = {}
+    for _ in range(n):
+        label = regime.draw(32, gen).label
+        counts[label] = counts.get(label, 0) + 1
+    probs = regime.probabilities()
+    assert set(counts) == set(probs) and sum(probs.values()) == pytest.approx(1.0)
+    for label, p in probs.items():  # 5 standard deviations of a binomial count
+        assert abs(counts[label] / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_regime_is_plain_data_in_the_checkpoint_hyper_parameters():
+    model = flowtext.Evo(net=FlowTransformerConfig(**TINY))
+    plain = (dict, list, str, int, float, bool, type(None))
+
+    def walk(x):
+        assert isinstance(x, plain), type(x)
+        for v in x.values() if isinstance(x, dict) else x if isinstance(x, list) else []:
+            walk(v)
+
+    walk({k: v for k, v in model.hparams.items()})
+    assert TrainingRegime(**model.hparams["regime"]) == model.regime == TrainingRegime.evo()
 
 
 def test_checkpoint_hparams_rebuild_the_module():
     model = flowtext.Evo(net=FlowTransformerConfig(**TINY))
     again = type(model)(**{k: v for k, v in model.hparams.items()})
     assert again.net.config == model.net.config
+    assert again.regime == model.regime
+
+
+def test_checkpoints_written_before_the_regime_keep_their_regime(tmp_path):
+    from flowtext.checkpoint import load_checkpoint
+
+    model = FlowLM(net=FlowTransformerConfig(**{**TINY, "vocab_size": 256}))  # raw bytes
+    old = {k: v for k, v in model.hparams.items() if k != "regime"}
+    old.update(train_block_sizes=[2, 0], steps_per_block=8, single_stream_fraction=0.5)
+    torch.save({"state_dict": model.state_dict(), "hyper_parameters": old}, tmp_path / "a.ckpt")
+    lm, _, _ = load_checkpoint(tmp_path / "a.ckpt")
+    assert lm.regime == TrainingRegime(
+        block_sizes=(2, 0), steps_per_block=8, single_stream_fraction=0.5
+    )
+
+
+def _seeded(model, seed=3):
+    model._gen.manual_seed(seed)
+    return model
+
+
+@torch.no_grad()
+def test_policy_bound_is_the_estimator_of_each_static_policy():
+    model = FlowLM(net=FlowTransformerConfig(**TINY), regime=TrainingRegime(t_min=0.2))
+    tokens = torch.randint(0, 13, (3, 12), generator=torch.Generator().manual_seed(0))
+    net, sched = model.net, model.schedule
+
+    def gen():
+        return torch.Generator().manual_seed(3)
+
+    got = _seeded(model).policy_bound(tokens, policies.Block(size=4), steps=3 * 5).nats
+    ref = two_stream_loss(
+        net, tokens, sched, block_size=4, steps_per_block=5, t_min=0.2, generator=gen()
+    ).nats
+    torch.testing.assert_close(got, ref)
+    got = _seeded(model).policy_bound(tokens, "autoregressive", steps=12).nats
+    torch.testing.assert_close(
+        got, two_stream_loss(net, tokens, sched, block_size=1, generator=gen()).nats
+    )
+    sync = _seeded(model).policy_bound(tokens, "synchronous", steps=6).nats
+    whole = _seeded(model).policy_bound(tokens, policies.Block(size=12), steps=6).nats
+    torch.testing.assert_close(sync, whole)
+    grid = with_t_min(policies.Diagonal(width=0.3).grid(12, 24, dtype=torch.float64), 0.2)
+    got = _seeded(model).policy_bound(tokens, policies.Diagonal(width=0.3), steps=24).nats
+    torch.testing.assert_close(
+        got, single_stream_loss(net, tokens, grid, sched, generator=gen()).nats
+    )
+
+
+def test_policy_bound_refuses_what_it_cannot_estimate():
+    model = FlowLM(net=FlowTransformerConfig(**TINY))
+    tokens = torch.randint(0, 13, (2, 12))
+    with pytest.raises(ConfigError, match="multiple of 3"):
+        model.policy_bound(tokens, policies.Block(size=4), steps=4)
+    with pytest.raises(ConfigError, match="static"):
+        model.policy_bound(tokens, "adaptive", steps=12)
+
+
+def test_validation_scores_the_policies_with_policy_bound():
+    model = FlowLM(net=FlowTransformerConfig(**TINY), val_block_size=4, val_steps_per_block=4)
+    tokens = torch.randint(0, 13, (2, 12))
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    model.validation_step({"tokens": tokens}, 0)
+    model._gen.manual_seed(model._key(2, 0, 0))
+    for name, bound in model.validation_bounds(12).items():
+        nats = model.policy_bound(tokens, bound.policy, bound.steps).nats.mean()
+        assert logged[f"val/bpb_{name}"] == pytest.approx(float(nats) / math.log(2))
+    assert model.validation_bounds(12)["block4"].steps == 3 * 4

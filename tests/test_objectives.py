@@ -207,3 +207,31 @@ def test_one_block_skips_the_clean_stream_without_changing_the_loss():
     recon = (j == 5)[:, None].expand(2, 7)
     torch.testing.assert_close(short.ce, ce, rtol=1e-10, atol=1e-10)
     assert bool((short.nats[recon] == 5 * ce[recon]).all()) or not recon.any()
+
+
+@pytest.mark.parametrize("sampling", ["stratified", "independent"])
+def test_each_step_is_drawn_uniformly_by_either_sampling(sampling):
+    """Unbiasedness of both estimators needs only a uniform marginal over ``1..K``."""
+    from flowtext.objectives import sample_steps
+
+    g, n_steps, n, reps = torch.Generator().manual_seed(0), 5, 10, 400
+    draws = torch.stack(
+        [sample_steps(n, n_steps, sampling=sampling, generator=g) for _ in range(reps)]
+    )
+    assert int(draws.min()) >= 1 and int(draws.max()) <= n_steps
+    freq = torch.bincount(draws.flatten(), minlength=n_steps + 1)[1:].double() / draws.numel()
+    p = 1 / n_steps
+    assert float((freq - p).abs().max()) <= 5 * math.sqrt(p * (1 - p) / draws.numel())
+    per_batch = torch.stack([torch.bincount(d, minlength=n_steps + 1)[1:] for d in draws])
+    if sampling == "stratified":  # n / K draws of every step in every batch
+        assert bool((per_batch == n // n_steps).all())
+    else:
+        assert bool((per_batch != n // n_steps).any())
+
+
+def test_unknown_step_sampling_is_a_config_error():
+    from flowtext.errors import ConfigError
+    from flowtext.objectives import sample_steps
+
+    with pytest.raises(ConfigError, match="stratified"):
+        sample_steps(4, 3, sampling="sobol")

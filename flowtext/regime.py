@@ -1,0 +1,232 @@
+"""Training regimes: which static policies' ELBOs a flow LM trains on, and how.
+
+A :class:`TrainingRegime` is plain, validated data. Each training batch draws one bound from it:
+
+* with probability ``1 - single_stream_fraction`` a ``block(B)`` policy, ``B`` drawn uniformly
+  from ``block_sizes`` (``1`` = AR with one jump per token, ``0`` = one block over the whole
+  sequence, i.e. diffusion), with ``steps_per_block`` steps per block, estimated two-stream;
+* otherwise a ``diagonal(w)`` policy, ``w`` drawn uniformly from ``diagonal_widths``, with
+  ``diagonal_steps`` steps per token, estimated single-stream. Its states mix committed,
+  partially denoised and pure-noise tokens at different times: those an adaptive decoder visits.
+
+The loss is the drawn bound's ELBO (nats per token) plus ``difficulty_weight`` times the
+progression-time head's regression loss. AR, diffusion and Evo are the presets
+:meth:`TrainingRegime.autoregressive`, :meth:`TrainingRegime.diffusion` and
+:meth:`TrainingRegime.evo`.
+
+Example:
+    >>> from flowtext.regime import TrainingRegime, block_bound
+    >>> TrainingRegime.evo().probabilities()["block1"]
+    0.25
+    >>> TrainingRegime.diffusion().block_bound(0, length=128)
+    DrawnBound(policy=Synchronous(), steps=64, label='block0')
+    >>> block_bound(8, steps_per_block=16, length=128).steps
+    256
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass
+from typing import Any, Literal
+
+import torch
+
+from flowtext.errors import ConfigError
+from flowtext.objectives import STEP_SAMPLINGS
+from flowtext.policies import Block, Diagonal, StaticPolicy, Synchronous
+
+__all__ = ["DrawnBound", "TrainingRegime", "block_bound"]
+
+
+@dataclass(frozen=True)
+class DrawnBound:
+    """A static policy discretized into ``steps`` global steps: the bound one batch trains.
+
+    Attributes:
+        policy: The static policy (``Block``, ``Synchronous`` or ``Diagonal``).
+        steps: Global steps ``K`` of its grid (``policy.grid(L, K)``).
+        label: Name in the training logs (``block1``, ``block0`` = whole sequence, ``diagonal``).
+    """
+
+    policy: StaticPolicy
+    steps: int
+    label: str
+
+
+@dataclass(frozen=True)
+class TrainingRegime:
+    """Which static policies' ELBOs a model trains on, with which probabilities and weights.
+
+    Every field has a docstring so ``jsonargparse`` shows it in ``flowtext fit --help``
+    (``--model.init_args.regime.*``). Lists are stored as tuples; invalid combinations raise
+    :class:`~flowtext.errors.ConfigError` at construction.
+    """
+
+    block_sizes: tuple[int, ...] = (1,)
+    """Block sizes of the two-stream bounds, one drawn uniformly per batch (repeat a size to
+    draw it more often); 1 = AR (one jump per token), 0 = one block over the whole sequence."""
+    steps_per_block: int = 1
+    """Steps m per block of more than one token (single tokens always jump 1 -> 0 in one step)."""
+    t_min: float | None = None
+    """Smallest positive time inside a block; null = 1 / steps_per_block. Diagonal grids use
+    t_min, or 1 / max(2, steps_per_block) when null."""
+    single_stream_fraction: float = 0.0
+    """Probability that a batch trains single-stream on a diagonal(w) policy instead."""
+    diagonal_widths: tuple[float, ...] = (0.1, 0.25, 0.5)
+    """Widths w of the diagonal policies, one drawn uniformly per single-stream batch."""
+    diagonal_steps: int = 4
+    """Steps per token of the diagonal grids (K = diagonal_steps * sequence length)."""
+    step_sampling: Literal["stratified", "independent"] = "stratified"
+    """How the estimators draw each row's (single-stream) or block's (two-stream) step:
+    stratified over the batch (lower variance) or independent uniforms."""
+    difficulty_weight: float = 0.0
+    """Weight of the progression-time head's regression loss added to the ELBO (0 = untrained)."""
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalize YAML lists to tuples once, here
+        set_(self, "block_sizes", tuple(_int(b, "block_sizes") for b in self.block_sizes))
+        set_(self, "diagonal_widths", tuple(float(w) for w in self.diagonal_widths))
+        set_(self, "steps_per_block", _int(self.steps_per_block, "steps_per_block"))
+        set_(self, "diagonal_steps", _int(self.diagonal_steps, "diagonal_steps"))
+        self._check_mixture()
+        self._check_steps()
+
+    def _check_mixture(self) -> None:
+        fraction = self.single_stream_fraction
+        if not 0.0 <= fraction <= 1.0:
+            raise ConfigError(f"single_stream_fraction must lie in [0, 1], got {fraction}")
+        if fraction < 1.0 and not self.block_sizes:
+            raise ConfigError(
+                "block_sizes is empty but single_stream_fraction < 1: give block sizes "
+                "(1 = AR, 0 = whole sequence) or set single_stream_fraction: 1.0"
+            )
+        if any(b < 0 for b in self.block_sizes):
+            raise ConfigError(
+                f"block_sizes must be >= 0 (0 = whole sequence), got {list(self.block_sizes)}"
+            )
+        widths = self.diagonal_widths
+        if fraction > 0 and (not widths or not all(math.isfinite(w) and w > 0 for w in widths)):
+            raise ConfigError(f"diagonal_widths must be positive numbers, got {list(widths)}")
+        if not (math.isfinite(self.difficulty_weight) and self.difficulty_weight >= 0):
+            raise ConfigError(f"difficulty_weight must be >= 0, got {self.difficulty_weight}")
+        if self.step_sampling not in STEP_SAMPLINGS:
+            raise ConfigError(
+                f"unknown step_sampling {self.step_sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}"
+            )
+
+    def _check_steps(self) -> None:
+        if self.steps_per_block < 1:
+            raise ConfigError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
+        if self.diagonal_steps < 1:
+            raise ConfigError(f"diagonal_steps must be >= 1, got {self.diagonal_steps}")
+        if self.t_min is not None and not 0 < self.t_min < 1:
+            raise ConfigError(f"t_min must lie in (0, 1), got {self.t_min}")
+        trains_blocks = self.single_stream_fraction < 1.0
+        if self.steps_per_block == 1 and trains_blocks and any(b != 1 for b in self.block_sizes):
+            raise ConfigError(
+                "steps_per_block = 1 commits whole blocks in one jump from pure noise, which only "
+                "makes sense for block size 1 (AR); use steps_per_block > 1 for larger blocks"
+            )
+
+    # --------------------------------------------------------------------------------- presets
+    @classmethod
+    def autoregressive(cls) -> TrainingRegime:
+        """Pure AR: ``block(1)`` with one jump per token; the ELBO is the AR likelihood."""
+        return cls(block_sizes=(1,), steps_per_block=1)
+
+    @classmethod
+    def diffusion(cls, steps_per_block: int = 64) -> TrainingRegime:
+        """Pure diffusion: one block over the whole sequence, ``steps_per_block`` steps."""
+        return cls(block_sizes=(0,), steps_per_block=steps_per_block)
+
+    @classmethod
+    def evo(cls) -> TrainingRegime:
+        """Evo: AR, blocks and whole sequence, a quarter of diagonal states, difficulty head.
+
+        Block sizes ``(1, 1, 2, 4, 8, 0)`` (AR twice as often) at 16 steps per block.
+        """
+        return cls(
+            block_sizes=(1, 1, 2, 4, 8, 0),
+            steps_per_block=16,
+            single_stream_fraction=0.25,
+            difficulty_weight=0.1,
+        )
+
+    # ------------------------------------------------------------------------------ the draws
+    @property
+    def grid_t_min(self) -> float:
+        """Smallest positive time given to single-stream (non-block) grids."""
+        return self.t_min or 1.0 / max(2, self.steps_per_block)
+
+    def block_bound(self, block_size: int, length: int) -> DrawnBound:
+        """The bound of ``block_size`` (``0`` = whole sequence) as this regime trains it.
+
+        Args:
+            block_size: Tokens per block, ``>= 0``.
+            length: Sequence length ``L``.
+        """
+        return block_bound(block_size, self.steps_per_block, length)
+
+    def draw(self, length: int, generator: torch.Generator) -> DrawnBound:
+        """Draw the bound one batch trains on (see the module docstring).
+
+        Args:
+            length: Sequence length ``L``.
+            generator: Random generator of the draw (two draws: kind, then size or width).
+
+        Returns:
+            The drawn :class:`DrawnBound`.
+        """
+        u = float(torch.rand((), generator=generator))
+        if u < self.single_stream_fraction:
+            i = int(torch.randint(len(self.diagonal_widths), (1,), generator=generator))
+            policy = Diagonal(width=self.diagonal_widths[i])
+            return DrawnBound(policy, length * self.diagonal_steps, "diagonal")
+        i = int(torch.randint(len(self.block_sizes), (1,), generator=generator))
+        return self.block_bound(self.block_sizes[i], length)
+
+    def probabilities(self) -> dict[str, float]:
+        """Probability of each log label per batch (``block<B>`` and ``diagonal``)."""
+        out: dict[str, float] = {}
+        share = (1.0 - self.single_stream_fraction) / max(1, len(self.block_sizes))
+        for b in self.block_sizes:
+            out[f"block{b}"] = out.get(f"block{b}", 0.0) + share
+        if self.single_stream_fraction > 0:
+            out["diagonal"] = self.single_stream_fraction
+        return {k: v for k, v in out.items() if v > 0}
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain data (lists, numbers, strings) for checkpoints: ``TrainingRegime(**d)`` again."""
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+
+def block_bound(block_size: int, steps_per_block: int, length: int) -> DrawnBound:
+    """``block(block_size)`` over ``length`` tokens with ``steps_per_block`` steps per block.
+
+    Single tokens always jump ``1 -> 0`` in one step (AR); a size of ``0`` or ``>= length`` is
+    one block over the whole sequence (``synchronous``).
+
+    Args:
+        block_size: Tokens per block, ``>= 0`` (``0`` = whole sequence).
+        steps_per_block: Steps ``m >= 1`` per block of more than one token.
+        length: Sequence length ``L``.
+
+    Returns:
+        The bound, labelled ``block<block_size>``; ``steps = n_blocks * m``.
+    """
+    size = length if block_size == 0 else block_size
+    if size < 1 or steps_per_block < 1 or length < 1:
+        raise ConfigError(
+            f"need block_size >= 0, steps_per_block >= 1 and length >= 1, got "
+            f"{block_size}, {steps_per_block}, {length}"
+        )
+    m = 1 if size == 1 else steps_per_block
+    policy = Synchronous() if size >= length else Block(size=size)
+    return DrawnBound(policy, -(-length // min(size, length)) * m, f"block{block_size}")
+
+
+def _int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value != int(value):
+        raise ConfigError(f"{name} must hold integers, got {value!r}")
+    return int(value)
