@@ -94,6 +94,12 @@ class ProgressBar(RichProgressBar):
     Lightning's bar shows ``Epoch N/-2`` for ``max_epochs=-1`` (runs bounded by steps or time).
     """
 
+    def get_metrics(self, trainer: L.Trainer, pl_module: L.LightningModule) -> dict[str, Any]:
+        """Lightning's metrics without ``v_num`` (the log folder's number, shown as ``0.000``)."""
+        items = super().get_metrics(trainer, pl_module)
+        items.pop("v_num", None)
+        return items
+
     def _get_train_description(self, current_epoch: int) -> str:  # overrides a private hook
         epochs = self.trainer.max_epochs
         text = f"Epoch {current_epoch}" + (f"/{epochs - 1}" if epochs and epochs > 0 else "")

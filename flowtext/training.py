@@ -128,7 +128,12 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 def _write_failure(path: Path, err: BaseException) -> str:
     reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err).splitlines()[0]
-    kept = "the last good checkpoint there is intact" if path.is_file() else "nothing was written"
+    good = path if path.is_file() else latest_checkpoint(path.parent)
+    kept = (
+        f"the last good checkpoint {good} is intact"
+        if good is not None
+        else "no checkpoint of this run was written yet"
+    )
     hint = (
         "free some disk space"
         if getattr(err, "errno", None) in (errno.ENOSPC, errno.EDQUOT)
@@ -422,7 +427,18 @@ class _DropAdverts(logging.Filter):
         return "💡 Tip" not in str(record.msg)
 
 
+_UNACTIONABLE_WARNINGS = (
+    r".*isinstance\(treespec, LeafSpec\)",  # Lightning's use of a deprecated torch API
+    r"The dirpath has changed from",  # a resumed run writes into its own version folder
+    r"\s*skip_none parameter was deprecated",  # LightningCLI calling jsonargparse
+)
+"""Warnings from inside Lightning that a user of the CLI can do nothing about (filtered)."""
+
+
 def _quiet_lightning() -> None:
-    for handler in logging.getLogger("lightning.pytorch").handlers:
-        if not any(isinstance(f, _DropAdverts) for f in handler.filters):
-            handler.addFilter(_DropAdverts())
+    for message in _UNACTIONABLE_WARNINGS:
+        warnings.filterwarnings("ignore", message=message)
+    for name in ("lightning.pytorch.utilities.rank_zero", "lightning.fabric.utilities.rank_zero"):
+        logger = logging.getLogger(name)  # a logger's filters see every record logged through it
+        if not any(isinstance(f, _DropAdverts) for f in logger.filters):
+            logger.addFilter(_DropAdverts())

@@ -546,3 +546,43 @@ def test_docstring_examples(module):
     mod = importlib.import_module("flowtext.data" + ("" if module == "__init__" else f".{module}"))
     result = doctest.testmod(mod)
     assert result.failed == 0 and result.attempted > 0
+
+
+def test_encode_refuses_non_text_and_keeps_undecodable_argv_bytes():
+    for tok in (ByteTokenizer(), CharTokenizer("ab")):
+        with pytest.raises(DataError, match="encode takes text"):
+            tok.encode(None)
+    raw = b"caf\xe9"  # Latin-1 on a UTF-8 command line: Python keeps the byte as a surrogate
+    text = raw.decode("utf-8", errors="surrogateescape")
+    assert ByteTokenizer().encode(text) == list(raw)
+
+
+def test_nan_split_fractions_are_refused():
+    with pytest.raises(ConfigError, match="split fractions"):
+        FlowTextDataModule("addition", seq_len=16, splits=(float("nan"), 0.5, 0.5))
+
+
+def test_char_vocabulary_mismatch_says_how_they_differ():
+    with pytest.raises(DataError) as info:
+        CharTokenizer("abc").check_state(CharTokenizer("abd").state_dict())
+    assert "only in the checkpoint/cache: ['d']" in str(info.value)
+    assert "only in the data: ['c']" in str(info.value)
+
+
+@pytest.mark.parametrize("name", ["addition", "text"])
+def test_training_items_carry_their_global_sample_index(name, tmp_path):
+    corpus = name
+    if name == "text":
+        (tmp_path / "t.txt").write_text("hello world, " * 400)
+        corpus = str(tmp_path / "t.txt")
+    dm = FlowTextDataModule(
+        corpus, seq_len=16, batch_size=2, train_samples_per_epoch=8, cache_dir=str(tmp_path)
+    )
+    dm.prepare_data()
+    dm.setup("fit")
+    loader = dm.train_dataloader()
+    first = [b["index"].tolist() for b in loader]
+    second = [b["index"].tolist() for b in loader]
+    assert first == [[0, 1], [2, 3], [4, 5], [6, 7]]
+    assert second == [[8, 9], [10, 11], [12, 13], [14, 15]]  # the next epoch: new samples
+    assert "index" not in next(iter(dm.val_dataloader()))
