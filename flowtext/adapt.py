@@ -5,8 +5,8 @@
 time conditioning, noisy-input projection and progression-time head) in an :class:`AdaptedLM`, a
 :class:`~flowtext.lm.FlowLM` trained under a :class:`~flowtext.regime.TrainingRegime` (Evo's by
 default). At initialization its AR special case *is* the pretrained model. ``flowtext adapt``
-does the same from the command line, fine-tunes on a corpus for a few steps, and writes a
-checkpoint and a ``safetensors`` export (:mod:`flowtext.export`).
+does the same from the command line: it fine-tunes on a corpus for a few steps, reports bits per
+byte before and after, and writes a checkpoint (``flowtext export`` turns it into safetensors).
 
 Example:
     >>> lm = adapt("path/to/tiny-llama")  # doctest: +SKIP
@@ -31,7 +31,7 @@ from flowtext.nn import FlowTransformerConfig
 from flowtext.nn.hf_backbone import AdapterConfig, PretrainedBackbone
 from flowtext.regime import TrainingRegime
 
-__all__ = ["REGIMES", "AdaptedLM", "adapt", "adapt_main", "check_tokenizer", "hf_main"]
+__all__ = ["REGIMES", "AdaptedLM", "adapt", "adapt_main", "check_tokenizer"]
 
 REGIMES = {
     "evo": TrainingRegime.evo,
@@ -203,8 +203,8 @@ def adapt(
 def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="flowtext adapt",
-        description="Adapt a local Hugging Face causal LM into a flow LM, fine-tune it briefly, "
-        "and write a checkpoint plus a safetensors export.",
+        description="Adapt a local Hugging Face causal LM into a flow LM, fine-tune it briefly "
+        "and write a checkpoint.",
     )
     p.add_argument("model", help="Hugging Face causal-LM directory (config.json + weights)")
     p.add_argument("--tokenizer", help="tokenizer.json or its folder (default: the model's)")
@@ -223,7 +223,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def adapt_main(argv: Sequence[str]) -> int:
-    """``flowtext adapt``: adapt, fine-tune, validate, save and export; returns the exit code."""
+    """``flowtext adapt``: adapt, fine-tune, validate and save; returns the exit code."""
     args = _parser().parse_args(list(argv))
     try:
         summary = _run_adapt(args)
@@ -239,7 +239,6 @@ def _run_adapt(args: argparse.Namespace) -> dict[str, Any]:
     import lightning as L
 
     from flowtext.data import FlowTextDataModule
-    from flowtext.export import export_module
 
     options = {"text_field": args.text_field} if args.text_field else None
     dm = FlowTextDataModule(
@@ -269,19 +268,9 @@ def _run_adapt(args: argparse.Namespace) -> dict[str, Any]:
     after = trainer.validate(lm, datamodule=dm, verbose=False)[0]
     ckpt = out / "adapted.ckpt"
     trainer.save_checkpoint(ckpt)
-    exported = export_module(lm, dm.tokenizer, out / "export")
     keys = sorted(k for k in after if k.startswith("val/bpb"))
     return {
         **{f"{k} (before -> after)": f"{before[k]:.4f} -> {after[k]:.4f}" for k in keys},
         "checkpoint": ckpt,
-        "export": exported,
+        "export it with": f"flowtext export {ckpt} {out / 'export'}",
     }
-
-
-def hf_main(argv: Sequence[str]) -> int:
-    """Dispatch ``flowtext adapt ...`` and ``flowtext export ...``."""
-    if argv and argv[0] == "export":
-        from flowtext.export import export_main
-
-        return export_main(argv[1:])
-    return adapt_main(argv[1:] if argv and argv[0] == "adapt" else argv)

@@ -103,7 +103,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
         return sample_main(argv[1:])
     if argv and argv[0] in ("adapt", "export"):
-        from flowtext.adapt import hf_main  # the optional Hugging Face commands
+        from flowtext.export import hf_main  # the optional Hugging Face commands
 
         return hf_main(argv)
     if argv and argv[0] in LIGHTNING_COMMANDS:

@@ -22,14 +22,21 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
-from flowtext.adapt import AdaptedLM
+from flowtext.adapt import AdaptedLM, adapt_main
 from flowtext.checkpoint import load_checkpoint, read_checkpoint
 from flowtext.data import tokenizer_from_state
 from flowtext.data._hf import require
 from flowtext.errors import CheckpointError, FlowtextError
 from flowtext.lm import FlowLM
 
-__all__ = ["FORMAT", "export_checkpoint", "export_main", "export_module", "load_export"]
+__all__ = [
+    "FORMAT",
+    "export_checkpoint",
+    "export_main",
+    "export_module",
+    "hf_main",
+    "load_export",
+]
 
 FORMAT = "flowtext-export/1"
 """The ``format`` field of ``config.json``."""
@@ -149,3 +156,10 @@ def export_main(argv: Sequence[str]) -> int:
         return 2
     print(f"exported to {out}")
     return 0
+
+
+def hf_main(argv: Sequence[str]) -> int:
+    """Dispatch ``flowtext adapt ...`` and ``flowtext export ...`` (the Hugging Face commands)."""
+    if argv and argv[0] == "export":
+        return export_main(argv[1:])
+    return adapt_main(argv[1:] if argv and argv[0] == "adapt" else argv)

@@ -75,8 +75,7 @@ def require_transformers() -> Any:
         raise ConfigError(
             f"pretrained backbones need the Hugging Face extra: pip install 'flowtext[hf]' ({err})"
         ) from None
-    if _ATTENTION not in transformers.AttentionInterface._global_mapping:
-        transformers.AttentionInterface.register(_ATTENTION, _visibility_attention)
+    transformers.AttentionInterface.register(_ATTENTION, _visibility_attention)
     return transformers
 
 
