@@ -4,12 +4,25 @@ import math
 
 import pytest
 import torch
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from flowtext import schedules
 from flowtext.errors import ConfigError
 from flowtext.flow import conditional_path, conditional_velocity, velocity
+
+
+def fitted_info_uniform(base="cosine", mid=-2.0, width=1.0, n_bins=32, seed=0):
+    """An info-uniform schedule fitted to a logistic cross-entropy curve ``c(lambda)``."""
+    s = schedules.get("info-uniform", base=base, n_bins=n_bins)
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(20):
+        t = torch.rand(2048, generator=g, dtype=torch.float64)
+        lam = s.log_snr(t)
+        s.update(lam, 3.0 * torch.sigmoid(-(lam - mid) / width))
+        s.fit()
+    return s
+
 
 SCHEDULES = {name: schedules.get(name) for name in schedules.names()}
 SCHEDULES.update(
@@ -18,6 +31,8 @@ SCHEDULES.update(
         "shifted-cosine-1.5": schedules.get("shifted", base="cosine", shift=-1.5),
         "shifted-vp+1": schedules.get("shifted", base="vp", shift=1.0),
         "vp-wide": schedules.get("vp", beta_min=0.5, beta_max=5.0),
+        "info-uniform-fitted-cosine": fitted_info_uniform(),
+        "info-uniform-fitted-linear": fitted_info_uniform("linear", mid=3.0, width=0.5),
     }
 )
 IDS = list(SCHEDULES)
@@ -30,7 +45,7 @@ def is_vp_like(s):
 
 
 def test_registry_lists_required_names():
-    assert {"linear", "cosine", "vp", "shifted"} <= set(schedules.names())
+    assert {"linear", "cosine", "vp", "shifted", "info-uniform"} <= set(schedules.names())
 
 
 def test_unknown_name_lists_valid_names():
@@ -78,13 +93,15 @@ def test_derivatives_equal_autograd(name, ts):
         torch.testing.assert_close(g, df(t.detach()), rtol=1e-7, atol=1e-9)
 
 
-@pytest.mark.parametrize("name", [n for n in IDS if n.startswith("shifted")])
-def test_shifted_endpoint_derivatives_match_one_sided_differences(name):
+@pytest.mark.parametrize("name", [n for n in IDS if n.startswith(("shifted", "info-uniform"))])
+def test_warped_endpoint_derivatives_match_one_sided_differences(name):
     s = SCHEDULES[name]
-    h = 1e-7
+    h = 1e-9  # below the width of a fitted warp's first segment in t
     for t0, sign in [(0.0, 1.0), (1.0, -1.0)]:
         t = torch.tensor([t0], dtype=torch.float64)
-        fd = sign * (s.alpha(t + sign * h) - s.alpha(t)) / h
+        # second-order one-sided difference
+        a0, a1, a2 = (s.alpha(t + sign * k * h) for k in range(3))
+        fd = sign * (-3 * a0 + 4 * a1 - a2) / (2 * h)
         torch.testing.assert_close(s.d_alpha(t), fd, rtol=1e-4, atol=1e-5)
 
 
@@ -128,3 +145,123 @@ def test_velocity_is_finite_at_t_zero_for_every_schedule():
         u = velocity(x, x, t, s)
         assert torch.isfinite(u).all()
         torch.testing.assert_close(u, s.d_alpha(t)[..., None] * x)
+
+
+# ---------------------------------------------------------------------------------------------
+# T11: the information-uniform schedule (theory §4c)
+
+
+def logistic_ce(lam, mid, width, total=3.0):
+    """A model whose expected commit cross-entropy is a logistic in the log-SNR."""
+    return total * torch.sigmoid(-(lam - mid) / width)
+
+
+def train_schedule(s, mid, width, *, steps=60, batch=2048, seed=0, fit_every=20, noisy=True):
+    """Feed ``(lambda, ce)`` pairs as a trainer would: times uniform under the current schedule,
+    per-token cross-entropies exponential around the mean (or exact), a fit every few steps."""
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        t = torch.rand(batch, generator=g, dtype=torch.float64)
+        lam = s.log_snr(t)
+        noise = torch.empty_like(t).exponential_(1.0, generator=g) if noisy else 1.0
+        s.update(lam, logistic_ce(lam, mid, width) * noise)
+        if i % fit_every == fit_every - 1:
+            s.fit()
+    return s
+
+
+def linearity_error(s, mid, width):
+    """Max deviation of the normalized expected cross-entropy from ``t`` on a fine grid."""
+    t = torch.linspace(0, 1, 401, dtype=torch.float64)
+    c = logistic_ce(s.log_snr(t), mid, width)
+    return ((c - c[0]) / (c[-1] - c[0]) - t).abs().max().item()
+
+
+@settings(max_examples=8)
+@given(
+    base=st.sampled_from(["cosine", "linear", "vp"]),
+    mid=st.floats(-4.0, 4.0),
+    width=st.floats(0.5, 2.0),
+)
+def test_t11_fitted_schedule_makes_the_known_ce_curve_linear_in_t(base, mid, width):
+    s = train_schedule(schedules.get("info-uniform", base=base), mid, width, steps=20, noisy=False)
+    assert linearity_error(s, mid, width) < 0.02
+
+
+def test_t11_with_noisy_per_token_ce(monkeypatch):
+    mid, width = -3.0, 0.7  # all information at high noise: the situation of theory §4c
+    before = linearity_error(schedules.get("cosine"), mid, width)
+    s = train_schedule(schedules.get("info-uniform"), mid, width, steps=100)
+    after = linearity_error(s, mid, width)
+    assert before > 0.3 and after < 0.08, (before, after)
+    # the wrong direction of the warp (F instead of F^{-1}) is detected
+    monkeypatch.setattr(schedules.InfoUniform, "warp", schedules.InfoUniform.cdf)
+    assert linearity_error(s, mid, width) > 0.3
+
+
+def test_info_uniform_state_round_trips_and_is_deterministic(tmp_path):
+    s = train_schedule(schedules.get("info-uniform", n_bins=16), 1.0, 1.0, steps=20)
+    path = tmp_path / "state.pt"
+    torch.save({"schedule": s.state_dict()}, path)
+    state = torch.load(path, weights_only=True)["schedule"]
+    r = schedules.get("info-uniform", n_bins=16)
+    r.load_state_dict(state)
+    t = torch.rand(50, dtype=torch.float64)
+    lam = torch.linspace(-10, 10, 21, dtype=torch.float64)
+    for f in ("alpha", "sigma", "d_alpha", "d_sigma", "log_snr", "d_log_snr"):
+        assert torch.equal(getattr(s, f)(t), getattr(r, f)(t)), f
+    assert torch.equal(s.t_from_log_snr(lam), r.t_from_log_snr(lam))
+    # the same state and the same data give the same refit
+    batch = torch.linspace(-6, 6, 64, dtype=torch.float64)
+    for sched in (s, r):
+        sched.update(batch, logistic_ce(batch, 0.0, 1.0))
+        sched.fit()
+    assert torch.equal(s.state_dict()["density"], r.state_dict()["density"])
+    assert not torch.equal(s.state_dict()["density"], state["density"])
+
+
+def test_info_uniform_frozen_for_evaluation():
+    s = schedules.get("info-uniform", frozen=True)
+    lam = torch.zeros(3)
+    with pytest.raises(ConfigError, match="frozen"):
+        s.update(lam, torch.ones(3))
+    with pytest.raises(ConfigError, match="frozen"):
+        s.fit()
+    s.unfreeze()
+    s.update(torch.tensor([-2.0, 2.0]), torch.tensor([1.0, 0.1]))
+    s.fit()
+    s.freeze()
+    r = schedules.get("info-uniform")
+    r.load_state_dict(s.state_dict())
+    assert r.frozen
+    with pytest.raises(ConfigError, match="frozen"):
+        r.update(lam, torch.ones(3))
+
+
+def test_info_uniform_bad_input():
+    from flowtext.errors import CheckpointError, ShapeError
+
+    with pytest.raises(ConfigError):
+        schedules.get("info-uniform", n_bins=1)
+    with pytest.raises(ConfigError):
+        schedules.get("info-uniform", floor=0.0)
+    s = schedules.get("info-uniform", n_bins=8)
+    with pytest.raises(ConfigError, match="two bins"):
+        s.fit()
+    with pytest.raises(ShapeError):
+        s.update(torch.zeros(3), torch.zeros(4))
+    with pytest.raises(ShapeError):
+        s.update(torch.zeros(2), torch.tensor([1.0, float("nan")]))
+    with pytest.raises(CheckpointError, match="other knots"):
+        s.load_state_dict(schedules.get("info-uniform", n_bins=9).state_dict())
+    with pytest.raises(CheckpointError):
+        s.load_state_dict({"density": torch.ones(9)})
+
+
+def test_info_uniform_flat_curve_keeps_the_identity_warp():
+    s = schedules.get("info-uniform", base="linear", n_bins=8)
+    s.update(torch.linspace(-8, 8, 100), torch.full((100,), 2.0))
+    s.fit()
+    t = torch.linspace(0, 1, 33, dtype=torch.float64)
+    torch.testing.assert_close(s.warp(t), t, rtol=0, atol=1e-12)
+    torch.testing.assert_close(s.alpha(t), 1 - t, rtol=0, atol=1e-12)
