@@ -34,6 +34,7 @@ from torch import Tensor
 
 from flowtext.attention import two_stream_layout
 from flowtext.errors import ConfigError, ShapeError
+from flowtext.mixture import mixture_kl, snr_gap
 from flowtext.schedules import NoiseSchedule
 from flowtext.visibility import LIVE
 
@@ -233,10 +234,22 @@ def _terms_at_state(
     t_prev: Tensor,
     t_next: Tensor,
     schedule: NoiseSchedule,
+    reverse: str = "gaussian",
+    table: Tensor | None = None,
+    xi: Tensor | None = None,
 ) -> tuple[Tensor, Tensor]:
-    """Per-token terms of one transition ``t_prev -> t_next`` read at the state ``t_prev``."""
+    """Per-token terms of one transition ``t_prev -> t_next`` read at the state ``t_prev``.
+
+    ``reverse="gaussian"``: the Gaussian-mean KL for moves to ``t_next > 0`` and the commit
+    cross-entropy for moves to 0 (theory §4). ``reverse="mixture"``: the one-draw mixture KL of
+    :func:`flowtext.mixture.mixture_kl` for every move (its move to 0 is the commit
+    cross-entropy exactly, theory §4b); needs the embedding ``table [V, d]`` and ``xi [B, L, d]``.
+    """
     ce = _ce(logits, tokens)
     live = t_prev > 0
+    if reverse == "mixture":
+        kl = mixture_kl(logits, table, tokens, snr_gap(t_prev, t_next, schedule), xi)
+        return torch.where(live & (t_next < t_prev), kl, 0.0), ce
     commit = live & (t_next == 0)
     gauss = live & (t_next > 0) & (t_next < t_prev)
     w = torch.where(
@@ -259,6 +272,22 @@ def _check_tokens(tokens: Tensor) -> None:
         )
 
 
+REVERSE_STEPS = ("gaussian", "mixture")
+"""Reverse-step families of the bound: Gaussian-mean (theory §4) or mixture (theory §4b)."""
+
+
+def _mixture_inputs(
+    net, x_emb: Tensor, reverse: str, generator
+) -> tuple[Tensor | None, Tensor | None]:
+    """The embedding table and a ``xi`` draw for ``reverse="mixture"`` (``None`` otherwise)."""
+    if reverse not in REVERSE_STEPS:
+        raise ConfigError(f"unknown reverse step {reverse!r}; valid: {', '.join(REVERSE_STEPS)}")
+    if reverse == "gaussian":
+        return None, None
+    xi = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
+    return net.embedding_table(), xi
+
+
 def discrete_elbo(
     net,
     tokens: Tensor,
@@ -267,6 +296,7 @@ def discrete_elbo(
     *,
     generator: torch.Generator | None = None,
     eps: Tensor | None = None,
+    reverse: str = "gaussian",
 ) -> Tensor:
     """The exact K-step bound of a static grid, one network pass per step.
 
@@ -277,6 +307,10 @@ def discrete_elbo(
         schedule: The noise schedule.
         generator: Random generator for the noise.
         eps: Optional fixed noise ``[B, L, d]`` reused at every step (common random numbers).
+        reverse: ``"gaussian"`` (Gaussian-mean step) or ``"mixture"`` (theory §4b; the net must
+            also have ``embedding_table() -> [V, d]``; ``xi`` is drawn from ``generator`` at every
+            step). With ``"mixture"`` a grid needs no ``t_min``: the move to 0 is the last
+            mixture step, whose KL is the commit cross-entropy.
 
     Returns:
         Per-token bound in nats ``[B, L]`` (prior term included); sum over ``L`` for the
@@ -301,8 +335,10 @@ def discrete_elbo(
         )
         z = _state(net, x_emb, t_prev, noise, schedule)
         out = net(z, t_prev, _orders(t_prev, ks[None, :]), None)
+        table, xi = _mixture_inputs(net, x_emb, reverse, generator)
+        x_hat = net.x0_hat(out.logits)
         nats, _ = _terms_at_state(
-            out.logits, net.x0_hat(out.logits), tokens, x_emb, t_prev, t_next, schedule
+            out.logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
         )
         total = total + nats
     return total
@@ -316,6 +352,7 @@ def single_stream_loss(
     *,
     generator: torch.Generator | None = None,
     sampling: str = "stratified",
+    reverse: str = "gaussian",
 ) -> LossTerms:
     """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
 
@@ -329,6 +366,7 @@ def single_stream_loss(
         schedule: The noise schedule.
         generator: Random generator.
         sampling: How the rows' steps are drawn (:func:`sample_steps`).
+        reverse: ``"gaussian"`` or ``"mixture"`` reverse step (as in :func:`discrete_elbo`).
 
     Returns:
         :class:`LossTerms` (``nats`` includes the prior term).
@@ -344,8 +382,10 @@ def single_stream_loss(
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
     z = _state(net, x_emb, t_prev, eps, schedule)
     out = net(z, t_prev, _orders(t_prev, commit_steps(grid)[None, :]), None)
+    table, xi = _mixture_inputs(net, x_emb, reverse, generator)
+    x_hat = net.x0_hat(out.logits)
     nats, ce = _terms_at_state(
-        out.logits, net.x0_hat(out.logits), tokens, x_emb, t_prev, t_next, schedule
+        out.logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
     )
     return LossTerms(
         nats=n_steps * nats + prior_kl(x_emb, schedule),
@@ -365,6 +405,7 @@ def two_stream_loss(
     t_min: float | None = None,
     generator: torch.Generator | None = None,
     sampling: str = "stratified",
+    reverse: str = "gaussian",
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
@@ -383,6 +424,7 @@ def two_stream_loss(
         t_min: Smallest positive time inside a block (default ``1/m``).
         generator: Random generator.
         sampling: How the blocks' sub-steps are drawn (:func:`sample_steps`).
+        reverse: ``"gaussian"`` or ``"mixture"`` reverse step (as in :func:`discrete_elbo`).
 
     Returns:
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
@@ -415,7 +457,10 @@ def two_stream_loss(
         pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
         out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
         logits, difficulty = out.logits[:, length:], out.difficulty[:, length:]
-    nats, ce = _terms_at_state(logits, net.x0_hat(logits), tokens, x_emb, t_prev, t_next, schedule)
+    table, xi = _mixture_inputs(net, x_emb, reverse, generator)
+    nats, ce = _terms_at_state(
+        logits, net.x0_hat(logits), tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+    )
     return LossTerms(
         nats=m * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
