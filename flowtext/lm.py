@@ -234,7 +234,9 @@ class FlowLM(L.LightningModule):
 
         Args:
             step: Optimizer step (``trainer.global_step``).
-            block: Global micro-batch number.
+            block: The global index of the batch's first sample when the data gives it (the
+                ``"index"`` of :class:`~flowtext.data.FlowTextDataModule` training batches),
+                else the global micro-batch number.
 
         Returns:
             ``(regime generator, noise seed)``; the model's generator is re-seeded with the
@@ -268,6 +270,11 @@ class FlowLM(L.LightningModule):
             loss, logs = self.training_loss(tokens)
         else:
             _, block = self._position()
+            if isinstance(batch, dict) and "index" in batch:
+                # the global number of the batch's first sample (flowtext.data): unlike the
+                # micro-batch count it is the same under any number of ranks, so a run resumed
+                # on another device count draws the same noise
+                block = int(batch["index"].reshape(-1)[0])
             regime, noise = self.batch_generators(self.global_step, block)
             with self._noise_seeded(noise):
                 loss, logs = self.training_loss(tokens, regime_generator=regime)

@@ -135,3 +135,43 @@ def test_ddp_on_two_cpu_processes_equals_one_process_with_accumulation(tmp_path)
     assert rank0 == pytest.approx(rank1, rel=1e-6)
     pairs = [(micro[2 * k] + micro[2 * k + 1]) / 2 for k in range(steps)]
     assert rank0 == pytest.approx(pairs, rel=1e-4)
+
+
+def _ddp_fit(tmp_path, root, steps, *extra):
+    cmd = [
+        sys.executable,
+        "-m",
+        "flowtext.cli",
+        "fit",
+        "--config",
+        str(ROOT / "experiments" / "configs" / "evo-tiny.yaml"),
+        f"--trainer.default_root_dir={root}",
+        *RESUME,
+        f"--trainer.max_steps={steps}",
+        "--trainer.strategy=ddp",
+        "--trainer.accelerator=cpu",
+        "--trainer.devices=2",
+        *extra,
+    ]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-4000:]
+
+
+@pytest.mark.slow
+def test_two_ranks_resumed_on_one_device_with_accumulation_is_exact(tmp_path):
+    """A 2-rank checkpoint resumed on 1 device x accumulate 2 == 1 device x accumulate 2 throughout.
+
+    The noise of a batch is keyed by the global index of its first sample (carried by the
+    batch), not by the rank layout, and the loader's position counts samples over all ranks.
+    """
+    common = ["--data.batch_size=2", "--checkpoint.every_n_train_steps=2"]
+    _ddp_fit(tmp_path, tmp_path / "ddp", 2, *common)
+    ckpt = latest_checkpoint(tmp_path / "ddp")
+    assert torch.load(ckpt, weights_only=True)["global_step"] == 2
+    accumulate = "--trainer.accumulate_grad_batches=2"
+    resumed, _ = run(tmp_path / "ddp", 4, str(ckpt), "evo-tiny.yaml", *common, accumulate)
+    straight, _ = run(tmp_path / "single", 4, None, "evo-tiny.yaml", *common, accumulate)
+    assert resumed.trainer.global_step == straight.trainer.global_step == 4
+    for name, value in straight.model.state_dict().items():
+        torch.testing.assert_close(resumed.model.state_dict()[name], value, rtol=1e-5, atol=1e-6)
