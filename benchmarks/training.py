@@ -13,6 +13,9 @@ against the plain model. Goals (issue 3): single-stream conditioning costs at mo
 plain model; two-stream AR at most 2.2x per clean token.
 
     python benchmarks/training.py [--d-model 256 --layers 4 --seq-len 256 --batch 16 --iters 10]
+
+``Evo mixture`` goes through the module's regime (:class:`flowtext.regime.TrainingRegime`) and
+:meth:`~flowtext.lm.FlowLM.policy_bound`, so it also measures their overhead.
 """
 
 from __future__ import annotations
@@ -79,7 +82,7 @@ def timeit(fn, params, iters, warmup=2, device=None, amp=False):
     return (time.perf_counter() - t0) / iters
 
 
-def main(argv=None):
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -100,9 +103,14 @@ def main(argv=None):
         help="attention backend of the FlowTransformer (triton: the fused kernel, CUDA)",
     )
     a = p.parse_args(argv)
-    dev = torch.device(a.device)
     if a.quick:
         a.d_model, a.layers, a.seq_len, a.batch, a.iters = 64, 2, 64, 4, 2
+    return a
+
+
+def main(argv=None):
+    a = parse(argv)
+    dev = torch.device(a.device)
     torch.manual_seed(0)
     cfg = FlowTransformerConfig(
         vocab_size=a.vocab,
@@ -144,6 +152,11 @@ def main(argv=None):
         ("flow, AR two-stream", timeit(flow_ar, net.parameters(), **kw)),
         ("Evo mixture (training_loss)", timeit(evo_step, evo.parameters(), **kw)),
     ]
+    report(a, dev, rows, plain, net)
+
+
+def report(a, dev: torch.device, rows: list[tuple[str, float]], plain, net) -> None:
+    """Print the table of seconds per step, tokens/s and ratios against the plain model."""
     base = rows[0][1]
     n_params = (
         sum(q.numel() for q in plain.parameters()),

@@ -13,7 +13,7 @@ through the training CLI, and the output says so):
 
 4. validation ELBO in bits/byte under ``block(B)`` for ``B = 1 .. L`` (two-stream estimator,
    averaged over validation batches and noise draws) and under ``diagonal(w)`` per width
-   (single-stream estimator);
+   (single-stream estimator), both through :meth:`flowtext.lm.FlowLM.policy_bound`;
 5. the synchronous K-step ELBO (with ``t_min``, fixed noise) converging to the continuous bound as
    ``K`` grows, with the fitted log-log slope of the gap (theory predicts -1, T5);
 6. the exact K-step ELBO under ``autoregressive`` against the teacher-forced AR NLL, in float64
@@ -21,62 +21,39 @@ through the training CLI, and the output says so):
 
 Writes ``limits.md`` (tables), ``*.csv``, ``summary.json`` and PNG figures into ``--out``.
 
-    python experiments/limits.py --ckpt runs/evo/lightning_logs/version_0/checkpoints/last.ckpt
-    python experiments/limits.py --quick          # seconds: tiny toy, 3-step tiny model
+    python -m experiments.limits --ckpt runs/evo/lightning_logs/version_0/checkpoints/last.ckpt
+    python -m experiments.limits --quick          # seconds: tiny toy, 3-step tiny model
 """
 
 from __future__ import annotations
 
 import argparse
 import copy
-import csv
 import json
 import math
-import platform
 import sys
 import time
 from pathlib import Path
 
 import torch
 
-ROOT = Path(__file__).resolve().parents[1]
-sys.path.insert(0, str(ROOT))
-
-from flowtext import policies, solvers  # noqa: E402
-from flowtext.demo import observed_orders, pushforward, toy_report  # noqa: E402
-from flowtext.objectives import (  # noqa: E402
-    LN2,
-    continuous_elbo,
-    discrete_elbo,
-    single_stream_loss,
-    two_stream_loss,
-    with_t_min,
+from experiments.common import (
+    bound_bpb,
+    datamodule,
+    fit_config,
+    hardware,
+    md_table,
+    transport_error,
+    val_batches,
+    write_csv,
 )
-from flowtext.plotting import plot_convergence, plot_time_grids  # noqa: E402
-from flowtext.toy import GaussianToy  # noqa: E402
-from flowtext.training import TINY_OVERRIDES  # noqa: E402
-
-
-def _write_csv(path: Path, rows: list[dict]) -> None:
-    with open(path, "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(rows[0]))
-        w.writeheader()
-        w.writerows(rows)
-
-
-def _fmt(x: float) -> str:
-    if x == 0:
-        return "0"
-    return f"{x:.3e}" if abs(x) < 1e-3 or abs(x) >= 1e4 else f"{x:.4f}"
-
-
-def _md_table(rows: list[dict], cols: list[str] | None = None) -> list[str]:
-    cols = cols or list(rows[0])
-    out = ["| " + " | ".join(cols) + " |", "|" + "---|" * len(cols)]
-    for r in rows:
-        cells = [_fmt(r[c]) if isinstance(r[c], float) else str(r[c]) for c in cols]
-        out.append("| " + " | ".join(cells) + " |")
-    return out
+from flowtext import policies, solvers
+from flowtext.demo import observed_orders, toy_report
+from flowtext.objectives import LN2, continuous_elbo, discrete_elbo, two_stream_loss, with_t_min
+from flowtext.plotting import plot_convergence, plot_time_grids
+from flowtext.regime import block_bound
+from flowtext.toy import GaussianToy
+from flowtext.training import TINY_OVERRIDES
 
 
 def _fit_slope(xs: list[float], ys: list[float]) -> float:
@@ -85,85 +62,92 @@ def _fit_slope(xs: list[float], ys: list[float]) -> float:
     return float(((lx - lx.mean()) * (ly - ly.mean())).sum() / ((lx - lx.mean()) ** 2).sum())
 
 
-def _toy_error(toy: GaussianToy, grid: torch.Tensor, schedule: str, solver: str) -> float:
-    mean, cov = pushforward(toy, grid, schedule, solver)
-    return max((mean - toy.mean).abs().max().item(), (cov - toy.cov).abs().max().item())
+def _label(b: int, length: int) -> str:
+    return "AR" if b == 1 else ("synchronous" if b == length else f"block({b})")
+
+
+def _md(rows: list[dict]) -> list[str]:
+    return md_table(rows, digits=4)
 
 
 # ------------------------------------------------------------------------------------ the toy
-def toy_sections(out: Path, *, length: int, multipliers: tuple[int, ...], schedule: str) -> dict:
-    """Sections 1-3 on the exact Gaussian toy."""
-    res = toy_report(out / "toy", length=length, multipliers=multipliers, schedule=schedule)
+def toy_orders(res: dict) -> list[dict]:
+    """Section 1: expected and observed order of every (policy, solver) of the toy report."""
     orders = observed_orders(res)
-    order_rows = []
-    for key, rows in res.items():
+    rows = []
+    for key, curve in res.items():
         pol, name = key.split("/")
-        order_rows.append(
+        rows.append(
             {
                 "policy": pol,
                 "solver": name,
                 "expected_order": solvers.get(name).order,
                 "observed_order": orders[key],
-                "error_at_max_steps": rows[-1][1],
-                "max_steps": rows[-1][0],
+                "error_at_max_steps": curve[-1][1],
+                "max_steps": curve[-1][0],
             }
         )
+    return rows
 
-    toy = GaussianToy.random(length, 2, generator=torch.Generator().manual_seed(0))
-    # block-size sweep: same total budget K = 4 L for every block size (L a power of two)
-    sizes = [2**i for i in range(int(math.log2(length)) + 1)]
-    budget = 4 * length
-    block_rows, block_curves = [], {}
-    for b in sizes:
+
+def toy_block_sweep(out: Path, toy, length: int, multipliers, schedule: str) -> list[dict]:
+    """Section 2: the same total budget ``K = 4 L`` for every block size (``L`` a power of 2)."""
+    budget, rows, curves = 4 * length, [], {}
+    for b in [2**i for i in range(int(math.log2(length)) + 1)]:
         pol = policies.Block(size=b)
         row = {"block_size": b, "n_blocks": pol.n_blocks(length), "steps": budget}
         for name in ("euler", "rk4"):
             grid = pol.grid(length, budget, dtype=torch.float64)
-            row[f"error_{name}"] = _toy_error(toy, grid, schedule, name)
-        block_rows.append(row)
+            row[f"error_{name}"] = transport_error(toy, grid, schedule, name)
+        rows.append(row)
         xs = [pol.n_blocks(length) * m for m in multipliers]
         ys = [
-            _toy_error(toy, pol.grid(length, k, dtype=torch.float64), schedule, "rk4") for k in xs
+            transport_error(toy, pol.grid(length, k, dtype=torch.float64), schedule, "rk4")
+            for k in xs
         ]
-        label = "AR" if b == 1 else ("synchronous" if b == length else f"block({b})")
-        block_curves[f"{label}/rk4"] = (xs, ys)
+        curves[f"{_label(b, length)}/rk4"] = (xs, ys)
     plot_convergence(
-        block_curves,
+        curves,
         out / "toy_block_sweep.png",
         xlabel="global steps K",
         ylabel="max |mean/cov error|",
         title=f"Gaussian toy (L={length}): block size sweep, rk4",
     )
+    return rows
 
-    # diagonal-width sweep: grid distances at K = L, toy error at K = 4 L
+
+def _diagonal_row(toy, length: int, w: float, schedule: str) -> dict:
+    grid = policies.Diagonal(width=w).grid
     ar_grid = policies.Autoregressive().grid(length, length, dtype=torch.float64)
     sync_grid = policies.Synchronous().grid(length, length, dtype=torch.float64)
+    g, fine = (
+        grid(length, length, dtype=torch.float64),
+        grid(length, 4 * length, dtype=torch.float64),
+    )
+    return {
+        "width": w,
+        "dist_to_AR_K=L": (g - ar_grid).abs().max().item(),
+        "dist_to_sync_K=L": (g - sync_grid).abs().max().item(),
+        "error_euler_K=4L": transport_error(toy, fine, schedule, "euler"),
+        "error_rk4_K=4L": transport_error(toy, fine, schedule, "rk4"),
+    }
+
+
+def toy_diagonal_sweep(out: Path, toy, length: int, schedule: str) -> list[dict]:
+    """Section 3: grid distances at ``K = L`` and toy error at ``K = 4 L`` per width."""
     widths = sorted({1 / (4 * length), 1 / length, 0.1, 0.25, 0.5, 1.0, 2.0, 4.0, 16.0})
-    diag_rows, grids = [], {}
-    for w in widths:
-        pol = policies.Diagonal(width=w)
-        g = pol.grid(length, length, dtype=torch.float64)
-        diag_rows.append(
-            {
-                "width": w,
-                "dist_to_AR_K=L": (g - ar_grid).abs().max().item(),
-                "dist_to_sync_K=L": (g - sync_grid).abs().max().item(),
-                "error_euler_K=4L": _toy_error(
-                    toy, pol.grid(length, 4 * length, dtype=torch.float64), schedule, "euler"
-                ),
-                "error_rk4_K=4L": _toy_error(
-                    toy, pol.grid(length, 4 * length, dtype=torch.float64), schedule, "rk4"
-                ),
-            }
-        )
-        if w in (1 / (4 * length), 0.25, 1.0, 16.0):
-            grids[f"diagonal({w:.3g})"] = pol.grid(length, 2 * length)
+    rows = [_diagonal_row(toy, length, w, schedule) for w in widths]
+    grids = {
+        f"diagonal({w:.3g})": policies.Diagonal(width=w).grid(length, 2 * length)
+        for w in widths
+        if w in (1 / (4 * length), 0.25, 1.0, 16.0)
+    }
     plot_time_grids(grids, out / "diagonal_grids.png", title=f"diagonal(w) grids, L={length}")
     _plot_xy(
         {
-            "dist to AR grid": [(r["width"], r["dist_to_AR_K=L"]) for r in diag_rows],
-            "dist to sync grid": [(r["width"], r["dist_to_sync_K=L"]) for r in diag_rows],
-            "toy error rk4 (K=4L)": [(r["width"], r["error_rk4_K=4L"]) for r in diag_rows],
+            "dist to AR grid": [(r["width"], r["dist_to_AR_K=L"]) for r in rows],
+            "dist to sync grid": [(r["width"], r["dist_to_sync_K=L"]) for r in rows],
+            "toy error rk4 (K=4L)": [(r["width"], r["error_rk4_K=4L"]) for r in rows],
         },
         out / "diagonal_sweep.png",
         xlabel="diagonal width w",
@@ -171,10 +155,25 @@ def toy_sections(out: Path, *, length: int, multipliers: tuple[int, ...], schedu
         title="diagonal(w): AR as w -> 0, synchronous as w grows",
         logy=True,
     )
-    _write_csv(out / "toy_orders.csv", order_rows)
-    _write_csv(out / "toy_block_sweep.csv", block_rows)
-    _write_csv(out / "toy_diagonal_sweep.csv", diag_rows)
-    return {"orders": order_rows, "block": block_rows, "diagonal": diag_rows}
+    return rows
+
+
+def toy_sections(out: Path, *, length: int, multipliers: tuple[int, ...], schedule: str) -> dict:
+    """Sections 1-3 on the exact Gaussian toy."""
+    res = toy_report(out / "toy", length=length, multipliers=multipliers, schedule=schedule)
+    toy = GaussianToy.random(length, 2, generator=torch.Generator().manual_seed(0))
+    found = {
+        "orders": toy_orders(res),
+        "block": toy_block_sweep(out, toy, length, multipliers, schedule),
+        "diagonal": toy_diagonal_sweep(out, toy, length, schedule),
+    }
+    for name, key in (
+        ("orders", "orders"),
+        ("block_sweep", "block"),
+        ("diagonal_sweep", "diagonal"),
+    ):
+        write_csv(out / f"toy_{name}.csv", found[key])
+    return found
 
 
 def _plot_xy(curves, path: Path, *, xlabel, ylabel, title, logx=True, logy=False, hlines=None):
@@ -202,152 +201,126 @@ def _plot_xy(curves, path: Path, *, xlabel, ylabel, title, logx=True, logy=False
 # ------------------------------------------------------------------------------ the checkpoint
 def load_model(args, out: Path):
     """``(lm, datamodule, provenance)`` from ``--ckpt`` or a freshly trained tiny Evo."""
-    from flowtext.data import FlowTextDataModule
-
     if args.ckpt:
         from flowtext.checkpoint import load_checkpoint, read_checkpoint
 
         lm, _, note = load_checkpoint(args.ckpt)
         state = read_checkpoint(args.ckpt)
-        dm_hp = dict(state.get("datamodule_hyper_parameters") or {})
-        dm_hp.pop("_instantiator", None)
-        if not dm_hp:
-            dm_hp = {"corpus": "stdlib", "seq_len": lm.net.config.max_len, "batch_size": 16}
-        dm = FlowTextDataModule(**dm_hp)
+        fallback = {"corpus": "stdlib", "seq_len": lm.net.config.max_len, "batch_size": 16}
+        dm = datamodule(state.get("datamodule_hyper_parameters"), fallback)
         what = f"checkpoint {args.ckpt} (step {state.get('global_step')}; {note})"
-    else:
-        from flowtext.training import cli_main
-
-        overrides = TINY_OVERRIDES if args.quick else []
-        steps = args.train_steps
-        cli = cli_main(
-            [
-                "fit",
-                "--config",
-                str(ROOT / "experiments" / "configs" / "evo-tiny.yaml"),
-                f"--trainer.default_root_dir={out / 'train'}",
-                f"--trainer.max_steps={steps}",
-                f"--trainer.max_time={args.train_time}",
-                f"--trainer.val_check_interval={max(1, min(steps, 250))}",
-                *overrides,
-            ]
-        )
-        lm, dm = cli.model, cli.datamodule
-        what = (
-            f"NO CHECKPOINT GIVEN: a tiny Evo trained here for {cli.trainer.global_step} steps "
-            f"(evo-tiny.yaml{' + tiny overrides' if args.quick else ''}); its numbers test the "
-            "limit statements, not model quality"
-        )
+        return lm.eval(), dm, what
+    steps = args.train_steps
+    cli, _ = fit_config(
+        "evo-tiny.yaml",
+        out / "train",
+        [
+            f"--trainer.max_steps={steps}",
+            f"--trainer.max_time={args.train_time}",
+            f"--trainer.val_check_interval={max(1, min(steps, 250))}",
+            *(TINY_OVERRIDES if args.quick else []),
+        ],
+    )
+    what = (
+        f"NO CHECKPOINT GIVEN: a tiny Evo trained here for {cli.trainer.global_step} steps "
+        f"(evo-tiny.yaml{' + tiny overrides' if args.quick else ''}); its numbers test the "
+        "limit statements, not model quality"
+    )
+    dm = cli.datamodule
     dm.prepare_data()
     dm.setup("validate")
-    lm.eval()
-    return lm, dm, what
+    return cli.model.eval(), dm, what
 
 
-def _val_batches(dm, n: int) -> list[torch.Tensor]:
-    out = []
-    for batch in dm.val_dataloader():
-        out.append(batch["tokens"] if isinstance(batch, dict) else batch)
-        if len(out) >= n:
-            break
-    return out
-
-
-@torch.no_grad()
-def checkpoint_sections(lm, dm, out: Path, args) -> dict:
-    """Sections 4-6 on a flow LM."""
-    net, schedule = lm.net, lm.schedule
-    bpt = float(dm.bytes_per_token)
-    batches = _val_batches(dm, args.val_batches)
+def ckpt_block_sweep(lm, batches, args, gen, bpt: float) -> list[dict]:
+    """Section 4a: ``B = 1`` (AR, one jump per token), 2, 4, ..., ``L`` (synchronous)."""
     length = batches[0].shape[1]
-    m = args.steps_per_block
-    gen = torch.Generator().manual_seed(args.seed)
-
-    def mean_bpb(fn) -> tuple[float, float]:
-        vals = torch.tensor(
-            [float(fn(tok).nats.mean()) for _ in range(args.repeats) for tok in batches],
-            dtype=torch.float64,
-        )
-        se = float(vals.std() / math.sqrt(len(vals))) if len(vals) > 1 else float("nan")
-        return float(vals.mean()) / LN2 / bpt, se / LN2 / bpt
-
-    # 4a. block-size sweep: B = 1 (AR, one jump per token), 2, 4, ..., L (synchronous)
     sizes = [2**i for i in range(int(math.log2(length)) + 1)]
     if sizes[-1] != length:
         sizes.append(length)
-    block_rows = []
+    rows = []
     for b in sizes:
-        steps = 1 if b == 1 else m
-        bpb, se = mean_bpb(
-            lambda tok, b=b, steps=steps: two_stream_loss(
-                net, tok, schedule, block_size=b, steps_per_block=steps, generator=gen
-            )
+        bound = block_bound(b, args.steps_per_block, length)
+        bpb, se = bound_bpb(
+            lm, batches, bound.policy, bound.steps,
+            bytes_per_token=bpt, repeats=args.repeats, generator=gen,
+        )  # fmt: skip
+        steps = 1 if b == 1 else args.steps_per_block
+        rows.append(
+            {
+                "policy": _label(b, length),
+                "block_size": b,
+                "steps_per_block": steps,
+                "bpb": bpb,
+                "stderr": se,
+            }
         )
-        label = "AR" if b == 1 else ("synchronous" if b == length else f"block({b})")
-        block_rows.append(
-            {"policy": label, "block_size": b, "steps_per_block": steps, "bpb": bpb, "stderr": se}
-        )
+    return rows
 
-    # 4b. diagonal-width sweep: single-stream estimator of the diagonal(w) bound
-    t_min_diag = lm.t_min or 1.0 / max(2, m)
-    diag_rows = []
+
+def ckpt_diagonal_sweep(lm, batches, args, gen, bpt: float) -> list[dict]:
+    """Section 4b: the single-stream estimate of the ``diagonal(w)`` bound per width."""
+    length = batches[0].shape[1]
+    t_min = lm.regime.t_min or 1.0 / max(2, args.steps_per_block)
+    steps = length * args.diagonal_steps
+    rows = []
     for w in sorted({1 / (4 * length), 0.05, 0.1, 0.25, 0.5, 1.0, 4.0}):
-        grid = policies.Diagonal(width=w).grid(
-            length, length * args.diagonal_steps, dtype=torch.float64
-        )
-        grid = with_t_min(grid, t_min_diag)
-        bpb, se = mean_bpb(
-            lambda tok, grid=grid: single_stream_loss(net, tok, grid, schedule, generator=gen)
-        )
-        diag_rows.append(
-            {"width": w, "steps": grid.shape[0] - 1, "t_min": t_min_diag, "bpb": bpb, "stderr": se}
-        )
+        bpb, se = bound_bpb(
+            lm, batches, policies.Diagonal(width=w), steps,
+            bytes_per_token=bpt, repeats=args.repeats, generator=gen, t_min=t_min,
+        )  # fmt: skip
+        rows.append({"width": w, "steps": steps, "t_min": t_min, "bpb": bpb, "stderr": se})
+    return rows
 
-    # 5. synchronous K-step ELBO -> continuous bound (fixed noise, t_min)
-    tok = batches[0][: args.elbo_seqs]
+
+def elbo_vs_k(lm, tok: torch.Tensor, args, out: Path, bpt: float) -> dict:
+    """Section 5: the synchronous K-step ELBO (fixed noise, ``t_min``) -> the continuous bound."""
+    net, schedule, length = lm.net, lm.schedule, tok.shape[1]
     eps = torch.randn(
         (*tok.shape, net.config.d_embed), generator=torch.Generator().manual_seed(args.seed)
     )
     t_min = args.t_min
     cont = continuous_elbo(net, tok, schedule, t_min=t_min, eps=eps, n_points=args.quad_points)
     cont_bpb = float(cont.sum(1).mean()) / length / LN2 / bpt
-    k_rows = []
+    rows = []
     for k in args.ks:
         grid = with_t_min(policies.Synchronous().grid(length, k, dtype=torch.float64), t_min)
         e = discrete_elbo(net, tok, grid, schedule, eps=eps)
         e_bpb = float(e.sum(1).mean()) / length / LN2 / bpt
-        k_rows.append(
+        rows.append(
             {"K": k, "elbo_bpb": e_bpb, "continuous_bpb": cont_bpb, "gap": abs(e_bpb - cont_bpb)}
         )
-    fit = [r for r in k_rows if r["K"] >= 4 and r["gap"] > 0]
+    fit = [r for r in rows if r["K"] >= 4 and r["gap"] > 0]
     slope = _fit_slope([r["K"] for r in fit], [r["gap"] for r in fit])
     plot_convergence(
-        {"|ELBO_K - ELBO_cont|": ([r["K"] for r in k_rows], [r["gap"] for r in k_rows])},
+        {"|ELBO_K - ELBO_cont|": ([r["K"] for r in rows], [r["gap"] for r in rows])},
         out / "elbo_vs_k.png",
         xlabel="synchronous steps K",
         ylabel="gap to continuous bound (bits/byte)",
         title=f"ELBO_K -> continuous (t_min={t_min}); fitted slope {slope:.2f}",
         slopes={"|ELBO_K - ELBO_cont|": 1},
     )
+    return {"rows": rows, "slope": slope, "continuous_bpb": cont_bpb}
 
-    # 6. ELBO under autoregressive (K = L passes) vs the teacher-forced AR NLL, float64
-    net64 = copy.deepcopy(net).double()
-    tok6 = batches[0][: args.elbo_seqs]
+
+def ar_check(lm, tok: torch.Tensor, gen, bpt: float) -> dict:
+    """Section 6: the exact ELBO under ``autoregressive`` vs the teacher-forced NLL, float64."""
+    net64 = copy.deepcopy(lm.net).double()
+    length = tok.shape[1]
     ar_grid = policies.Autoregressive().grid(length, length, dtype=torch.float64)
-    elbo_ar = discrete_elbo(net64, tok6, ar_grid, schedule, generator=gen)
-    nll_ar = two_stream_loss(net64, tok6, schedule, block_size=1, generator=gen).nats
-    ar_diff = float((elbo_ar - nll_ar).abs().max())
-    ar_row = {
+    elbo_ar = discrete_elbo(net64, tok, ar_grid, lm.schedule, generator=gen)
+    nll_ar = two_stream_loss(net64, tok, lm.schedule, block_size=1, generator=gen).nats
+    return {
         "elbo_ar_bpb": float(elbo_ar.mean()) / LN2 / bpt,
         "ar_nll_bpb": float(nll_ar.mean()) / LN2 / bpt,
-        "max_abs_diff_nats_per_token": ar_diff,
-        "tokens": tok6.numel(),
+        "max_abs_diff_nats_per_token": float((elbo_ar - nll_ar).abs().max()),
+        "tokens": tok.numel(),
     }
 
+
+def _ckpt_figures(out: Path, block_rows: list[dict], diag_rows: list[dict], m: int) -> None:
     _plot_xy(
-        {
-            "block(B) ELBO": [(r["block_size"], r["bpb"]) for r in block_rows],
-        },
+        {"block(B) ELBO": [(r["block_size"], r["bpb"]) for r in block_rows]},
         out / "block_sweep.png",
         xlabel="block size B (1 = AR, L = synchronous)",
         ylabel="validation ELBO (bits/byte)",
@@ -360,23 +333,33 @@ def checkpoint_sections(lm, dm, out: Path, args) -> dict:
         ylabel="validation ELBO (bits/byte)",
         title="diagonal-width sweep (single-stream estimator)",
         logy=True,
-        hlines={
-            "AR": block_rows[0]["bpb"],
-            "synchronous": block_rows[-1]["bpb"],
-        },
+        hlines={"AR": block_rows[0]["bpb"], "synchronous": block_rows[-1]["bpb"]},
     )
-    _write_csv(out / "ckpt_block_sweep.csv", block_rows)
-    _write_csv(out / "ckpt_diagonal_sweep.csv", diag_rows)
-    _write_csv(out / "elbo_vs_k.csv", k_rows)
-    _write_csv(out / "ar_elbo_vs_nll.csv", [ar_row])
+
+
+@torch.no_grad()
+def checkpoint_sections(lm, dm, out: Path, args) -> dict:
+    """Sections 4-6 on a flow LM."""
+    bpt = float(dm.bytes_per_token)
+    batches = val_batches(dm, args.val_batches)
+    gen = torch.Generator().manual_seed(args.seed)  # shared, in this order, by 4a, 4b and 6
+    block_rows = ckpt_block_sweep(lm, batches, args, gen, bpt)
+    diag_rows = ckpt_diagonal_sweep(lm, batches, args, gen, bpt)
+    k = elbo_vs_k(lm, batches[0][: args.elbo_seqs], args, out, bpt)
+    ar_row = ar_check(lm, batches[0][: args.elbo_seqs], gen, bpt)
+    _ckpt_figures(out, block_rows, diag_rows, args.steps_per_block)
+    write_csv(out / "ckpt_block_sweep.csv", block_rows)
+    write_csv(out / "ckpt_diagonal_sweep.csv", diag_rows)
+    write_csv(out / "elbo_vs_k.csv", k["rows"])
+    write_csv(out / "ar_elbo_vs_nll.csv", [ar_row])
     return {
         "block": block_rows,
         "diagonal": diag_rows,
-        "elbo_vs_k": k_rows,
-        "elbo_vs_k_slope": slope,
-        "continuous_bpb": cont_bpb,
+        "elbo_vs_k": k["rows"],
+        "elbo_vs_k_slope": k["slope"],
+        "continuous_bpb": k["continuous_bpb"],
         "ar_check": ar_row,
-        "length": length,
+        "length": batches[0].shape[1],
         "val_batches": len(batches),
     }
 
@@ -395,20 +378,20 @@ def write_markdown(out: Path, toy: dict, ck: dict, meta: dict) -> Path:
         "Observed order = log2(e_K / e_2K) over the last two step counts "
         f"(toy L={meta['toy_length']}, d=2, {meta['schedule']} schedule, exact pushforward).",
         "",
-        *_md_table(toy["orders"]),
+        *_md(toy["orders"]),
         "",
         "Figures: `toy/convergence.png`, `toy/time_grids.png`.",
         "",
         "## 2. Gaussian toy: transport error per block size (K = 4L for all)",
         "",
-        *_md_table(toy["block"]),
+        *_md(toy["block"]),
         "",
         "Figure: `toy_block_sweep.png` (rk4, error vs K per block size).",
         "",
         "## 3. Diagonal width: distance to the AR and synchronous grids (K = L), "
         "toy error (K = 4L)",
         "",
-        *_md_table(toy["diagonal"]),
+        *_md(toy["diagonal"]),
         "",
         "Figures: `diagonal_sweep.png`, `diagonal_grids.png`.",
         "",
@@ -417,9 +400,9 @@ def write_markdown(out: Path, toy: dict, ck: dict, meta: dict) -> Path:
         f"Sequence length {ck['length']}; {ck['val_batches']} validation batches x "
         f"{meta['repeats']} noise draws; mean and standard error in bits/byte.",
         "",
-        *_md_table(ck["block"]),
+        *_md(ck["block"]),
         "",
-        *_md_table(ck["diagonal"]),
+        *_md(ck["diagonal"]),
         "",
         "Figures: `block_sweep.png`, `diagonal_elbo.png`.",
         "",
@@ -430,13 +413,13 @@ def write_markdown(out: Path, toy: dict, ck: dict, meta: dict) -> Path:
         f"Fitted log-log slope of the gap (K >= 4): **{ck['elbo_vs_k_slope']:.2f}** "
         "(theory: -1).",
         "",
-        *_md_table(ck["elbo_vs_k"]),
+        *_md(ck["elbo_vs_k"]),
         "",
         "Figure: `elbo_vs_k.png`.",
         "",
         "## 6. ELBO under `autoregressive` = AR NLL (float64)",
         "",
-        *_md_table([ck["ar_check"]]),
+        *_md([ck["ar_check"]]),
         "",
     ]
     path = out / "limits.md"
@@ -444,7 +427,7 @@ def write_markdown(out: Path, toy: dict, ck: dict, meta: dict) -> Path:
     return path
 
 
-def main(argv=None) -> int:
+def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
@@ -475,6 +458,12 @@ def main(argv=None) -> int:
         args.elbo_seqs, args.quad_points, args.ks, args.t_min = 2, 256, "2,4,8,16,32", 0.2
         args.train_steps = min(args.train_steps, 3)
     args.ks = [int(k) for k in args.ks.split(",")]
+    args.argv = sys.argv[1:] if argv is None else list(argv)
+    return args
+
+
+def main(argv=None) -> int:
+    args = parse(argv)
     torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     out = Path(args.out)
@@ -489,11 +478,9 @@ def main(argv=None) -> int:
     ck = checkpoint_sections(lm, dm, out, args)
     print(f"[limits] checkpoint sections: {time.perf_counter() - t0:.1f} s", flush=True)
     meta = {
-        "command": "python experiments/limits.py "
-        + " ".join(argv if argv is not None else sys.argv[1:]),
+        "command": "python -m experiments.limits " + " ".join(args.argv),
         "model": what,
-        "hardware": f"{platform.processor() or platform.machine()}, {torch.get_num_threads()} "
-        f"torch threads, torch {torch.__version__}",
+        "hardware": hardware(),
         "wall_s": time.perf_counter() - t0,
         "toy_length": toy_length,
         "schedule": args.schedule,

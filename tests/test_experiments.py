@@ -1,21 +1,16 @@
 """The experiment scripts' --quick modes run end to end and report sane numbers (issue 6)."""
 
 import csv
-import importlib.util
+import importlib
 import json
 import math
-import sys
-from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[1]
+import pytest
 
 
 def _load(name):
-    spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
-    mod = importlib.util.module_from_spec(spec)
-    sys.modules[name] = mod  # dataclasses look their module up
-    spec.loader.exec_module(mod)
-    return mod
+    """The experiment scripts are modules of the ``experiments`` package (``python -m``)."""
+    return importlib.import_module(f"experiments.{name}")
 
 
 def test_limits_quick_reproduces_the_limit_statements(tmp_path):
@@ -114,3 +109,73 @@ def test_compare_quick_trains_evaluates_and_appends(tmp_path):
         rows = list(csv.DictReader(f))
     assert {"timestamp", "run_id", "metric", "value"} <= set(rows[0])
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
+
+
+@pytest.mark.parametrize("quick", [True, False])
+@pytest.mark.parametrize("model", ["ar", "diffusion", "evo"])
+def test_every_model_declares_one_primary_addition_decoder(model, quick):
+    compare = _load("compare")
+    decoders = compare.addition_decoders(model, 6, quick)
+    primary = compare.primary_decoder(model, decoders)
+    assert primary in decoders and len({d.label for d in decoders}) == len(decoders)
+    assert primary.kwargs()["policy"] in ("autoregressive", "synchronous", "adaptive")
+
+
+def test_a_missing_primary_decoder_is_an_error_not_a_score():
+    compare = _load("compare")
+    ar = compare.Decoder("autoregressive", "autoregressive")
+    with pytest.raises(ValueError, match="exactly one primary"):
+        compare.primary_decoder("ar", [ar])
+    rows = [
+        {"model": m, "policy": "x", "primary": m != "evo", "exact_match": 0.5}
+        for m in ("ar", "diffusion", "evo")
+    ]
+    with pytest.raises(ValueError, match="evo"):
+        compare.goals([], [], rows)
+
+
+def test_decoder_settings_are_generate_arguments():
+    compare = _load("compare")
+    dec = compare.Decoder("block(8) K=4", "block", 4, (("size", 8),))
+    assert dec.kwargs() == {"policy": "block", "policy_kwargs": {"size": 8}, "steps": 4}
+    labels = [d.label for d in compare.decode_settings("evo", 64, quick=False)]
+    assert len(labels) == len(set(labels))
+
+
+def test_shared_output_helpers(tmp_path):
+    from experiments.common import md_table, write_csv
+
+    rows = [{"a": 1.23456, "b": "x|y", "c": True}, {"a": float("nan"), "b": "z", "c": False}]
+    lines = md_table(rows, digits=2)
+    assert lines[0] == "| a | b | c |" and lines[2] == "| 1.23 | x\\|y | yes |"
+    assert lines[3] == "| - | z |  |"
+    write_csv(tmp_path / "r.csv", rows)
+    with open(tmp_path / "r.csv") as f:
+        assert [r["b"] for r in csv.DictReader(f)] == ["x|y", "z"]
+
+
+def test_bound_bpb_averages_policy_bound_over_batches_and_repeats():
+    import torch
+
+    from experiments.common import bound_bpb
+    from flowtext.lm import FlowLM
+    from flowtext.nn import FlowTransformerConfig
+
+    net = FlowTransformerConfig(
+        vocab_size=13, max_len=16, d_model=32, n_layers=1, n_heads=2, d_embed=8, cond_dim=16,
+        cond_rank=4, attention_backend="sdpa",
+    )  # fmt: skip
+    lm = FlowLM(net=net)
+    batches = [torch.randint(0, 13, (2, 8)) for _ in range(2)]
+    bpb, se = bound_bpb(
+        lm, batches, "synchronous", 4, bytes_per_token=2.0, repeats=2,
+        generator=torch.Generator().manual_seed(1),
+    )  # fmt: skip
+    g = torch.Generator().manual_seed(1)
+    vals = [
+        float(lm.policy_bound(t, "synchronous", 4, generator=g).nats.mean())
+        for _ in range(2)
+        for t in batches
+    ]
+    assert bpb == pytest.approx(sum(vals) / 4 / math.log(2) / 2.0)
+    assert se > 0
