@@ -9,7 +9,12 @@ two cores; ``FLOWTEXT_FUZZ_EXAMPLES=500`` runs a longer, random hunt.
 
 import math
 import os
+import signal
 import string
+import subprocess
+import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -17,11 +22,13 @@ from hypothesis import HealthCheck, event, given, settings
 from hypothesis import strategies as st
 
 from flowtext import policies, schedules, solvers
+from flowtext.checkpoint import read_checkpoint
 from flowtext.cli import main as cli_main
 from flowtext.data import FlowTextDataModule
 from flowtext.decoding import generate
 from flowtext.errors import FlowtextError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
+from flowtext.training import TINY_OVERRIDES, latest_checkpoint
 
 FUZZ = settings(
     max_examples=int(os.environ.get("FLOWTEXT_FUZZ_EXAMPLES", 40)),
@@ -371,3 +378,100 @@ def test_cli_bad_arguments(args, capsys, tmp_path_factory):
         return
     capsys.readouterr()
     assert code in (0, 2, None) or isinstance(code, str), code
+
+
+# --------------------------------------------------------- corrupt files and signals (CLI)
+TINY_FIT = [
+    "--config",
+    str(Path(__file__).resolve().parents[1] / "experiments" / "configs" / "ar-tiny.yaml"),
+    *TINY_OVERRIDES,
+    "--trainer.limit_val_batches=0",
+]
+
+
+class Good:
+    """The bytes of a genuine 2-step checkpoint (a class, so hypothesis does not print them)."""
+
+    data = b""
+
+
+@pytest.fixture(scope="module")
+def good_checkpoint(tmp_path_factory):
+    root = tmp_path_factory.mktemp("good")
+    argv = ["fit", *TINY_FIT, f"--trainer.default_root_dir={root}", "--trainer.max_steps=2"]
+    assert cli_main(argv) == 0
+    Good.data = latest_checkpoint(root).read_bytes()
+    return Good
+
+
+CORRUPTIONS = st.one_of(
+    st.tuples(st.just("truncate"), st.floats(0.0, 1.0, exclude_max=True)),
+    st.tuples(st.just("flip"), st.floats(0.0, 1.0, exclude_max=True), st.integers(1, 255)),
+    st.tuples(st.just("random"), st.binary(max_size=512)),
+)
+
+
+def corrupt(data: bytes, how) -> bytes:
+    if how[0] == "truncate":
+        return data[: int(how[1] * len(data))]
+    if how[0] == "flip":
+        i = int(how[1] * len(data))
+        return data[:i] + bytes([data[i] ^ how[2]]) + data[i + 1 :]
+    return how[1]
+
+
+def exit_code(argv) -> int:
+    try:
+        return cli_main(argv)
+    except SystemExit as e:
+        return e.code
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 30), deadline=20000)
+@given(how=CORRUPTIONS)
+def test_sample_from_corrupt_checkpoints(good_checkpoint, how, tmp_path_factory, capsys):
+    path = tmp_path_factory.mktemp("bad") / "x.ckpt"
+    path.write_bytes(corrupt(good_checkpoint.data, how))
+    code = exit_code(["sample", "--ckpt", str(path), "--length", "2", "--policy", "autoregressive"])
+    err = capsys.readouterr().err
+    event(f"{how[0]}: exit {code}")
+    assert code in (0, 2) and "Traceback" not in err, err[-2000:]
+    if code == 2:
+        assert [line for line in err.splitlines() if line.startswith("error:")], err
+
+
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 4), deadline=None)
+@given(how=CORRUPTIONS)
+def test_fit_from_corrupt_checkpoints(good_checkpoint, how, tmp_path_factory, capsys):
+    root = tmp_path_factory.mktemp("resume")
+    path = root / "x.ckpt"
+    path.write_bytes(corrupt(good_checkpoint.data, how))
+    argv = ["fit", *TINY_FIT, f"--trainer.default_root_dir={root}", "--trainer.max_steps=3"]
+    code = exit_code([*argv, f"--ckpt_path={path}"])
+    err = capsys.readouterr().err
+    event(f"{how[0]}: exit {code}")
+    assert code in (0, 2) and "Traceback" not in err, err[-2000:]
+
+
+@pytest.mark.slow
+@settings(FUZZ, max_examples=min(FUZZ.max_examples, 3), deadline=None)
+@given(delay=st.floats(0.0, 12.0))
+def test_sigterm_at_any_time_exits_non_zero_with_a_readable_checkpoint(delay, tmp_path_factory):
+    root = tmp_path_factory.mktemp("sigterm")
+    cmd = [sys.executable, "-m", "flowtext.cli", "fit", *TINY_FIT]
+    cmd += [f"--trainer.default_root_dir={root}", "--trainer.max_steps=100000"]
+    cmd += ["--checkpoint.every_n_train_steps=3"]
+    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        time.sleep(delay)
+        proc.send_signal(signal.SIGTERM)
+        proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    event(f"exit {proc.returncode}")
+    assert proc.returncode in (143, -signal.SIGTERM)  # -15: stopped before training started
+    last = latest_checkpoint(root)
+    if last is not None:
+        assert read_checkpoint(last)["global_step"] >= 1
