@@ -83,6 +83,7 @@ def flow_overrides(args: argparse.Namespace, run_dir: Path) -> list[str]:
     out = [
         f"--trainer.max_time=00:00:{seconds // 60:02d}:{seconds % 60:02d}",
         "--trainer.max_steps=-1",
+        "--trainer.accelerator=cpu",  # the comparison is one CPU thread each, GPU or not
         f"--trainer.default_root_dir={run_dir}",
     ]
     if args.quick:
@@ -156,7 +157,7 @@ def _clock_callback():
     class Clock(Callback):
         def __init__(self) -> None:
             self.totals = {"step": 0.0, "val": 0.0, "other": 0.0}
-            self.phase, self.mark = None, 0.0
+            self.phase, self.mark, self.cpu = None, 0.0, 0.0
 
         def _switch(self, phase: str | None) -> None:
             now = time.perf_counter()
@@ -166,6 +167,7 @@ def _clock_callback():
 
         def on_train_start(self, trainer, pl_module) -> None:
             self._switch("other")
+            self.cpu = time.process_time()
 
         def on_train_batch_start(self, trainer, pl_module, batch, batch_idx) -> None:
             self._switch("step")  # a validation's sample and checkpoint count as validation
@@ -179,6 +181,7 @@ def _clock_callback():
 
         def on_train_end(self, trainer, pl_module) -> None:
             self._switch(None)
+            self.cpu = time.process_time() - self.cpu
 
     return Clock()
 
@@ -251,6 +254,7 @@ def flow_worker(spec: dict, barrier) -> dict:
         "tokens": tokens,
         "seconds": train_s,
         "fit_seconds": fit_s,
+        "cpu_seconds": clock.cpu,
         "tokens_per_s": tokens / train_s,
         "step_tokens_per_s": tokens / max(clock.totals["step"], 1e-9),
         "time_split_s": clock.totals,
@@ -324,6 +328,8 @@ def summary_row(res: dict[str, dict], meta: dict) -> dict:
         "bpb_ratio_ar_over_gpt": f["heldout_bpb"] / g["heldout_bpb"],
         "gpt_val_bpb": g["val_bpb"],
         "ar_val_bpb": f["val_bpb"],
+        "gpt_cpu_s": g["cpu_seconds"],
+        "ar_cpu_s": f["cpu_seconds"],
         "gpt_steps": g["steps"],
         "ar_steps": f["steps"],
         "gpt_tokens_per_s": g["tokens_per_s"],
@@ -361,6 +367,8 @@ def markdown(row: dict) -> list[str]:
         f"| {_fmt(r['ar_steps'] / max(r['gpt_steps'], 1))} |",
         f"| training tokens/s (whole budget) | {_fmt(r['gpt_tokens_per_s'])} "
         f"| {_fmt(r['ar_tokens_per_s'])} | {_fmt(r['ar_tokens_per_s'] / r['gpt_tokens_per_s'])} |",
+        f"| CPU seconds while training | {_fmt(r['gpt_cpu_s'])} | {_fmt(r['ar_cpu_s'])} "
+        f"| {_fmt(r['ar_cpu_s'] / r['gpt_cpu_s'])} |",
         f"| parameters | {r['gpt_params']} | {r['ar_params']} | |",
         f"| tokens/s at equal width and depth | {_fmt(r['equal_gpt_tokens_per_s'])} "
         f"| {_fmt(r['equal_ar_tokens_per_s'])} | {_fmt(r['equal_ratio_ar_over_gpt'])} |",
