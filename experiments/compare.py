@@ -309,7 +309,9 @@ def _distinct4(rows: list[list[int]]) -> float:
 @torch.no_grad()
 def judge_bpb(judge: Run, seqs: torch.Tensor, prompt_len: int) -> float:
     """Bits per byte of ``seqs[:, prompt_len:]`` under the judge's exact AR NLL."""
-    gen = torch.Generator().manual_seed(0)
+    # the AR bound does not depend on the noise, but its draws advance the global generator,
+    # which the (unseeded) addition decoding reads after: keep drawing from it
+    gen = torch.default_generator
     nats = judge.lm.policy_bound(seqs, "autoregressive", seqs.shape[1], generator=gen).nats
     return float(nats[:, prompt_len:].mean()) / LN2 / float(judge.dm.bytes_per_token)
 
