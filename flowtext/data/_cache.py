@@ -100,7 +100,8 @@ def _paths(
 ) -> tuple[Path, Path]:
     key = _key(corpus.identity(), tokenizer.state_dict(), split, max_bytes)
     stem = cache_dir / "tokens" / f"{_slug(corpus.describe())}-{split}-{key}"
-    return stem.with_suffix(".bin"), stem.with_suffix(".json")
+    # not with_suffix: a corpus named "notes.txt" would lose "-split-key" and share one file
+    return stem.with_name(stem.name + ".bin"), stem.with_name(stem.name + ".json")
 
 
 def _read_meta(bin_path: Path) -> dict[str, Any] | None:
