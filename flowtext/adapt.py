@@ -25,6 +25,7 @@ from typing import Any
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from flowtext.data._hf import load_tokenizer_json
 from flowtext.errors import ConfigError, FlowtextError
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
@@ -149,20 +150,33 @@ def _backbone(
     return net.to(_DTYPES[dtype])
 
 
-def check_tokenizer(tokenizer: Any, net: PretrainedBackbone) -> None:
+def check_tokenizer(
+    tokenizer: Any, net: PretrainedBackbone, model_dir: str | Path | None = None
+) -> None:
     """Raise unless ``tokenizer`` fits the pretrained model's vocabulary.
 
     A tokenizer may have fewer ids than the model's output layer (models pad their vocabulary
-    to a round size), but not more, and not far fewer: that is another model's tokenizer.
+    to a round size), but not more, and not far fewer: that is another model's tokenizer. When
+    ``model_dir`` holds the model's own ``tokenizer.json``, the token-to-id maps must agree too.
 
     Raises:
-        ConfigError: The vocabularies disagree; the message names both sizes.
+        ConfigError: The vocabularies disagree; the message says how.
     """
     ours, theirs = int(tokenizer.vocab_size), net.config.vocab_size
     if ours > theirs or theirs - ours > max(128, theirs // 64):
         raise ConfigError(
             f"the tokenizer has {ours} ids but the pretrained model's vocabulary has {theirs}: "
             "they disagree; use the model's own tokenizer.json (--tokenizer MODEL_DIR)"
+        )
+    own = Path(model_dir) / "tokenizer.json" if model_dir is not None else None
+    if own is None or not own.is_file():
+        return
+    backend = getattr(tokenizer, "backend", None)
+    mine = backend.get_vocab(with_added_tokens=True) if backend is not None else None
+    if mine != load_tokenizer_json(own).backend.get_vocab(with_added_tokens=True):
+        raise ConfigError(
+            f"the tokenizer ({type(tokenizer).__name__}, {ours} ids) disagrees with the model's "
+            f"own {own}: the ids would mean other tokens; use --tokenizer {Path(model_dir)}"
         )
 
 
@@ -192,7 +206,7 @@ def adapt(
     """
     lm = AdaptedLM(pretrained=str(pretrained), adapter=adapter, regime=regime, **kwargs)
     if tokenizer is not None:
-        check_tokenizer(tokenizer, lm.net)
+        check_tokenizer(tokenizer, lm.net, pretrained)
         lm.bytes_per_token = float(tokenizer.bytes_per_token)
     return lm
 

@@ -473,7 +473,12 @@ class HFCorpus(Corpus):
         if self.format == "parquet":
             pq = require("pyarrow.parquet")
             return [("", pq.ParquetFile(self.path).metadata.num_rows, None)]
-        ds = require("datasets").load_from_disk(str(self.path))
+        try:
+            ds = require("datasets").load_from_disk(str(self.path))
+        except (IndexError, ValueError, OSError) as err:  # datasets fails this way on 0 rows
+            raise DataError(
+                f"cannot read the dataset {str(self.path)!r}: it is empty or damaged ({err})"
+            ) from None
         parts = ds.items() if hasattr(ds, "items") else [("", ds)]
         return [(name, len(part), part) for name, part in parts]
 

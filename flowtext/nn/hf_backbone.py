@@ -278,6 +278,7 @@ class PretrainedBackbone(nn.Module):
         self.difficulty_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
         self.reset_adapters()
         self.to(model.get_input_embeddings().weight.dtype)
+        self.train()  # from_pretrained returns eval mode; a module starts in train mode
 
     # ------------------------------------------------------------------ construction
 
