@@ -32,12 +32,12 @@ Supported:
   the Triton interpreter (``TRITON_INTERPRET=1`` set before this package is imported; slow, for
   tests only).
 
-Measured on one NVIDIA H200 (torch 2.11, Triton 3.6, bf16, 2026-11-27, ``docs/attention.md``),
-the version before the fully-visible fast path, the tile classes and the pattern-keyed autotuning:
-at ``L = 4096, D = 128`` forward+backward ran at 143-146 TFLOP/s on the two-stream layout (2.25x
-SDPA with the dense mask), 121 TFLOP/s on the Evo single stream (0.87x SDPA) and 201-204 TFLOP/s
-dense (0.39x unmasked SDPA FlashAttention). This version is to be measured with
-``bash benchmarks/gpu.sh``.
+Measured on one NVIDIA H200 (torch 2.11, Triton 3.6, bf16, ``L = 4096, D = 128``, batch 4,
+16 heads; ``docs/attention.md`` has the tables). This version, 2026-11-29: forward+backward at
+257 TFLOP/s on the two-stream layout (3.24x SDPA with a dense mask, 0.85x FlexAttention with a
+reused BlockMask), 123 TFLOP/s on the Evo single stream (0.71x SDPA), and the dense forward at
+461 TFLOP/s (0.72x SDPA FlashAttention). The previous version (no fully-visible fast path),
+2026-11-27: 143-146 TFLOP/s two-stream, 121 Evo, dense forward 168-178 TFLOP/s.
 
 Autotuning is keyed on the (power-of-two bucketed) lengths, the padded head dim, the dtypes and
 the visibility pattern (:attr:`TileSummaries.pattern`). ``single_config=True`` (or the

@@ -14,6 +14,7 @@ import triton.language as tl
 
 from flowtext.kernels.visibility_attention._forward import _dot
 from flowtext.kernels.visibility_attention._tiles import (
+    NO_SPECIALIZE,
     _block_runs,
     _partial_segments,
     _reduce_sum,
@@ -85,7 +86,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dkdv_kernel(
     Q, K, V, DO, DK, DV, LSE, DELTA, TQ, OQ, TK, OK, QSUM, KSUM,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,
@@ -172,7 +173,7 @@ def _dq_tile(
     return dq + _dot(ds.to(kt.dtype), tl.trans(kt), PRECISION, UPCAST)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _bwd_dq_kernel(
     Q, K, V, DO, DQ, LSE, DELTA, TQ, OQ, TK, OK, QSUM, KSUM,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,

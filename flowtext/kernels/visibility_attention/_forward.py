@@ -11,6 +11,7 @@ import triton
 import triton.language as tl
 
 from flowtext.kernels.visibility_attention._tiles import (
+    NO_SPECIALIZE,
     _block_runs,
     _partial_segments,
     _reduce_max,
@@ -61,7 +62,7 @@ def _fwd_tile(
     return acc, l_i, m_new
 
 
-@triton.jit
+@triton.jit(do_not_specialize=NO_SPECIALIZE)
 def _fwd_kernel(
     Q, K, V, OUT, LSE, TQ, OQ, TK, OK, QSUM, KSUM, COUNT,
     s_qb, s_qh, s_qm, s_qd, s_kb, s_kh, s_kn, s_kd,

@@ -36,12 +36,17 @@ L_MAX = tl.constexpr(3)
 COMPLETE = tl.constexpr(4)
 """Keys: 1 if every key of the group exists (``< Lk``) and is committed or informative. Queries:
 always 1 (query rows beyond ``Lq`` are masked wherever they are loaded or stored)."""
-N_ROWS = 5
+N_ROWS = tl.constexpr(5)
 
 # Classes of a (query tile, key tile) pair.
-INVISIBLE = 0
-PARTIAL = 1
-FULL = 2
+INVISIBLE = tl.constexpr(0)
+PARTIAL = tl.constexpr(1)
+FULL = tl.constexpr(2)
+
+NO_SPECIALIZE = ("H", "NGQ", "NGK", "LQ_KEY", "LK_KEY", "PATTERN")
+"""Integer kernel arguments Triton must not specialise on (divisibility by 16): the autotuning keys
+(read only by the autotuner) and sizes that only enter scalar arithmetic, so new values do not
+recompile identical code. Lengths, the head dim and strides stay specialised (alignment)."""
 
 PATTERN_TILE = 64
 """Tile size of the host-side visibility pattern used as an autotuning key."""
@@ -129,13 +134,16 @@ def _tile_summary(SUM, b, NG, start, BLOCK: tl.constexpr):
     """Reduce the group summaries of the tile(s) starting at ``start`` (a scalar or a vector).
 
     Returns ``(c_min, c_max, l_min, l_max, complete)`` in the layout of :func:`side_summaries`.
+    (No ``tl.zeros``, ``tl.zeros_like`` or ``tl.cdiv`` here or below: those are ``@jit`` helpers
+    of Triton's standard library, which the interpreter cannot call if Triton was imported before
+    ``TRITON_INTERPRET=1`` was set.)
     """
     base = SUM + b * N_ROWS * NG
-    c_min = BIG + tl.zeros_like(start)
-    c_max = -BIG + tl.zeros_like(start)
-    l_min = BIG + tl.zeros_like(start)
-    l_max = -BIG + tl.zeros_like(start)
-    complete = 1 + tl.zeros_like(start)
+    c_min = BIG + start * 0
+    c_max = -BIG + start * 0
+    l_min = BIG + start * 0
+    l_max = -BIG + start * 0
+    complete = 1 + start * 0
     for j in tl.static_range(BLOCK // GROUP):
         g = start // GROUP + j
         ok = g < NG
@@ -217,10 +225,10 @@ def _block_runs(
     such ranges have no branch, so Triton can software-pipeline their loads.
     """
     if SCAN_KEYS:
-        nb = tl.cdiv(LK, BLOCK_N) + tl.zeros([], tl.int32)
+        nb = (LK + BLOCK_N - 1) // BLOCK_N + tl.full([], 0, tl.int32)
         f0, f1, f2, f3, f4 = _tile_summary(QSUM, b, NGQ, start_fixed, BLOCK_M)
     else:
-        nb = tl.cdiv(LQ, BLOCK_M) + tl.zeros([], tl.int32)
+        nb = (LQ + BLOCK_M - 1) // BLOCK_M + tl.full([], 0, tl.int32)
         f0, f1, f2, f3, f4 = _tile_summary(KSUM, b, NGK, start_fixed, BLOCK_N)
     lo1 = nb
     hi2 = nb * 0
@@ -311,7 +319,7 @@ def _classify_kernel(
 
 
 def side_summaries(t: torch.Tensor, o: torch.Tensor, *, query: bool) -> torch.Tensor:
-    """Per-16-token summaries ``[B, N_ROWS, ceil(L / 16)]`` int32 of one side's token vectors.
+    """Per-16-token summaries ``[B, 5, ceil(L / 16)]`` int32 of one side's token vectors.
 
     Rows (see the module constants): min and max order of the committed tokens, min and max order
     of the live tokens (queries: ``t > 0``; keys: informative ``0 < t < 1``), and, for keys,
@@ -402,7 +410,7 @@ class TileSummaries:
         different buckets).
         """
         cls = self.classes(PATTERN_TILE, PATTERN_TILE)
-        counts = torch.stack([(cls != INVISIBLE).sum(), (cls == FULL).sum()]).tolist()
+        counts = torch.stack([(cls != INVISIBLE.value).sum(), (cls == FULL.value).sum()]).tolist()
         visible = counts[0] / max(cls.numel(), 1)
         full = counts[1] / max(counts[0], 1)
         return 4 * round(3 * visible) + round(3 * full)
