@@ -432,7 +432,7 @@ def test_errors_name_the_fix(tmp_path):
         FlowTextDataModule("wikipedia")
     assert all(n in str(err.value) for n in data.names())
     with pytest.raises(ConfigError, match="byte, char"):
-        FlowTextDataModule(tokenizer="bpe")
+        FlowTextDataModule(tokenizer="wordpiece")  # "bpe" is a tokenizer now (hf extra)
     with pytest.raises(ConfigError, match="bad arguments"):
         FlowTextDataModule("addition", corpus_options={"digitz": 3})
     for bad in (1, 0):
