@@ -65,6 +65,7 @@ SUPPORTED_FAMILIES = ("gpt2", "llama", "mistral", "qwen2", "qwen3")
 """``config.model_type`` values whose trunk :class:`PretrainedBackbone` knows how to run."""
 
 _ATTENTION = "flowtext_visibility"
+_DROPOUTS = ("resid_pdrop", "embd_pdrop", "attn_pdrop", "attention_dropout", "hidden_dropout")
 
 
 def require_transformers() -> Any:
@@ -111,12 +112,13 @@ class PretrainedFlowConfig:
 
     Attributes:
         vocab_size: Ids ``V`` (the pretrained output layer's size).
-        max_len: Context length.
+        max_len: Context length (at most the pretrained one, and its sliding window if any).
         d_embed: Latent dimension.
         d_model: Width of the pretrained residual stream.
         n_layers: Pretrained layers.
         model_type: The Hugging Face ``model_type`` (``gpt2``, ``llama``, ...).
-        dropout: Always 0 for the flow's own parts (the pretrained config keeps its dropout).
+        dropout: The pretrained model's largest dropout rate (the flow's own parts have none);
+            non-zero makes training seed the global generator per batch, for exact resumes.
         difficulty_detach: The difficulty head reads detached features.
     """
 
@@ -257,6 +259,9 @@ class PretrainedBackbone(nn.Module):
         self._learned_positions = hasattr(base, "wpe")
         d_model = model.get_input_embeddings().weight.shape[1]
         n_pos = int(getattr(hf, "max_position_embeddings", 0) or getattr(hf, "n_positions", 0))
+        window = getattr(hf, "sliding_window", None)
+        if window and getattr(hf, "use_sliding_window", True):  # beyond it the masks differ
+            n_pos = min(n_pos, int(window)) if n_pos else int(window)
         max_len = min(adapter.max_len or n_pos, n_pos) if n_pos else adapter.max_len or 2048
         self.config = PretrainedFlowConfig(
             vocab_size=model.get_output_embeddings().weight.shape[0],
@@ -265,6 +270,7 @@ class PretrainedBackbone(nn.Module):
             d_model=d_model,
             n_layers=len(self._layers()),
             model_type=hf.model_type,
+            dropout=max(float(getattr(hf, name, 0.0) or 0.0) for name in _DROPOUTS),
         )
         c, d = adapter.cond_dim, d_model
         self.embedding = nn.Parameter(torch.empty(self.config.vocab_size, adapter.d_embed))
