@@ -1,9 +1,12 @@
 """Data for flowtext: tokenizers, corpora, synthetic tasks, memmapped token caches, a DataModule.
 
-* Tokenizers: :class:`ByteTokenizer` (default; 256 bytes + PAD/BOS/EOS) and
-  :class:`CharTokenizer` (the characters of a UTF-8 corpus).
+* Tokenizers: :class:`ByteTokenizer` (default; 256 bytes + PAD/BOS/EOS),
+  :class:`CharTokenizer` (the characters of a UTF-8 corpus) and, with the ``hf`` extra,
+  :class:`HFTokenizer` (``bpe`` trained on the corpus by :func:`build_bpe_tokenizer`, or any
+  ``tokenizer.json`` via :func:`load_tokenizer_json`).
 * Corpora: ``stdlib`` (:class:`StdlibCorpus`, the running interpreter's standard library) and
-  any text file or folder (:class:`TextCorpus`); split by file with :func:`split_of`.
+  any text file or folder (:class:`TextCorpus`); split by file with :func:`split_of`. With the
+  ``hf`` extra: JSON Lines, Parquet and ``save_to_disk`` datasets (:class:`HFCorpus`).
 * Tasks: ``addition`` (:class:`AdditionTask`), ``reverse`` (:class:`ReversalTask`) and ``copy``
   (:class:`CopyTask`), with :meth:`Task.exact_match`.
 * Caching: :func:`prepare_tokens` writes ``uint16`` memmaps atomically; :func:`open_tokens`
@@ -41,6 +44,7 @@ from flowtext.data._corpora import (
     split_of,
 )
 from flowtext.data._datasets import EpochSampler, ResumableLoader, TaskDataset, TokenWindows
+from flowtext.data._hf import HFCorpus, HFTokenizer, build_bpe_tokenizer, load_tokenizer_json
 from flowtext.data._module import TOKENIZERS, FlowTextDataModule
 from flowtext.data._tasks import AdditionTask, CopyTask, ReversalTask, Task, TaskExample
 from flowtext.data._tokenizers import (
@@ -60,6 +64,8 @@ __all__ = [
     "Corpus",
     "EpochSampler",
     "FlowTextDataModule",
+    "HFCorpus",
+    "HFTokenizer",
     "ResumableLoader",
     "ReversalTask",
     "StdlibCorpus",
@@ -69,9 +75,11 @@ __all__ = [
     "TextCorpus",
     "TokenWindows",
     "Tokenizer",
+    "build_bpe_tokenizer",
     "build_char_tokenizer",
     "default_cache_dir",
     "get",
+    "load_tokenizer_json",
     "names",
     "open_tokens",
     "prepare_tokens",
