@@ -120,7 +120,7 @@ def check_against_reference(q, k, v, t, o, lq, tiles=True):
 
 
 # Fewer examples natively: each new shape / dtype / tile combination compiles on a cold cache.
-N_EXAMPLES = 10 if ON_GPU else 25
+N_EXAMPLES = 10 if ON_GPU else 20
 settings_t9 = settings(max_examples=N_EXAMPLES, deadline=None)
 
 
