@@ -23,7 +23,9 @@ run: $(VENV)/.ready
 	$(BIN)/flowtext run $(RUN_ARGS)
 
 test: $(VENV)/.ready
-	$(BIN)/ruff check flowtext tests experiments
+	$(BIN)/ruff check flowtext tests experiments benchmarks
+	$(BIN)/lint-imports --no-cache
+	$(BIN)/mypy flowtext
 	$(BIN)/python -m pytest -n 2 $(PYTEST_ARGS)
 	NO_MKDOCS_2_WARNING=1 $(BIN)/mkdocs build --strict -q
 

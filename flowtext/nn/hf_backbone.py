@@ -242,7 +242,10 @@ class PretrainedBackbone(nn.Module):
         ConfigError: An unsupported model family or bad adapter sizes.
     """
 
-    def __init__(self, model: nn.Module, adapter: AdapterConfig | None = None) -> None:
+    lm: Any
+    """The wrapped ``transformers`` model (typed ``Any``: its submodules vary by family)."""
+
+    def __init__(self, model: Any, adapter: AdapterConfig | None = None) -> None:
         super().__init__()
         require_transformers()
         adapter = adapter if adapter is not None else AdapterConfig()
