@@ -5,8 +5,11 @@ schedule, and a :class:`~flowtext.regime.TrainingRegime` — which static polici
 trained on (two-stream ``block(B)`` bounds, ``B = 1`` being AR and ``B = 0`` the whole sequence,
 and single-stream ``diagonal(w)`` bounds), how their steps are drawn and how the loss is
 weighted. :meth:`FlowLM.policy_bound` estimates the ELBO of any static policy; training draws one
-bound per batch from the regime, and validation scores every checkpoint in bits per byte under
-``autoregressive``, ``block(val_block_size)`` and ``synchronous``.
+bound per batch from the regime (plus the exact AR bound of every batch when the regime's
+``ar_weight > 0``), and validation scores every checkpoint in bits per byte under
+``autoregressive`` and the policies the regime trains on (``block(val_block_size)``,
+``synchronous``), or under the ones ``val_policies`` names. The pure AR regime trains and
+scores with one causal stream of ``L`` tokens, as a plain GPT does.
 
 :class:`AutoregressiveLM`, :class:`DiffusionLM` and :class:`Evo` only change the default regime
 (:meth:`TrainingRegime.autoregressive`, :meth:`~TrainingRegime.diffusion`,
@@ -52,6 +55,8 @@ class FlowLM(L.LightningModule):
         val_block_size: Block size of the ``block`` validation policy.
         val_steps_per_block: Steps per block of the ``block`` and ``synchronous`` validation
             policies.
+        val_policies: Validation bounds among ``ar``, ``block`` and ``sync``; ``None``: ``ar``
+            (always: the checkpoint monitor) and those the regime trains on.
         bytes_per_token: Average UTF-8 bytes per token, for bits per byte (the CLI links it to
             the data).
         optimizer: Optimizer factory taking the parameters.
@@ -71,6 +76,7 @@ class FlowLM(L.LightningModule):
         regime: TrainingRegime = _AUTOREGRESSIVE,
         val_block_size: int = 8,
         val_steps_per_block: int = 32,
+        val_policies: list[str] | None = None,
         bytes_per_token: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 100,
@@ -93,6 +99,7 @@ class FlowLM(L.LightningModule):
         self.regime = regime
         self.val_block_size = val_block_size
         self.val_steps_per_block = val_steps_per_block
+        self.val_policies = _check_val_policies(val_policies)
         self.bytes_per_token = bytes_per_token
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
@@ -133,6 +140,8 @@ class FlowLM(L.LightningModule):
         *,
         t_min: float | None = None,
         generator: torch.Generator | None = None,
+        ar: bool = False,
+        difficulty: bool = False,
     ) -> LossTerms:
         """One unbiased Monte Carlo estimate of the ELBO of a static policy, per token.
 
@@ -151,6 +160,10 @@ class FlowLM(L.LightningModule):
             t_min: Smallest positive time of the grid; ``None``: the regime's (``t_min`` inside
                 blocks of ``m > 1`` steps, :attr:`~TrainingRegime.grid_t_min` for other grids).
             generator: Noise and step generator; ``None``: the model's (seeded per batch).
+            ar: Also return the exact AR bound of the batch (``ar_nats``; see
+                :func:`~flowtext.objectives.two_stream_loss`).
+            difficulty: Whether the caller reads the difficulty predictions; without them the
+                AR policy runs as one causal stream of ``L`` tokens.
 
         Returns:
             :class:`~flowtext.objectives.LossTerms`; ``nats`` ``[B, L]`` sums over tokens to an
@@ -180,12 +193,14 @@ class FlowLM(L.LightningModule):
                 t_min=t_min if m > 1 else None,
                 generator=gen,
                 sampling=sampling,
+                ar=ar,
+                difficulty=difficulty,
             )
         grid = with_t_min(
             policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
         )
         return single_stream_loss(
-            self.net, tokens, grid, self.schedule, generator=gen, sampling=sampling
+            self.net, tokens, grid, self.schedule, generator=gen, sampling=sampling, ar=ar
         )
 
     def training_loss(
@@ -194,7 +209,8 @@ class FlowLM(L.LightningModule):
         """One Monte Carlo draw of the training objective.
 
         Draws one bound from the regime (:meth:`TrainingRegime.draw`) and estimates it with
-        :meth:`policy_bound`.
+        :meth:`policy_bound`; with ``ar_weight > 0`` the exact AR bound of the same batch is
+        added, whatever was drawn (``train/ar_bpt`` is logged whenever the AR bound is known).
 
         Args:
             tokens: ``[B, L]``.
@@ -202,18 +218,32 @@ class FlowLM(L.LightningModule):
                 ``None``: the model's generator, which always draws the noise and times.
 
         Returns:
-            ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted difficulty loss)
-            and values to log.
+            ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted AR bound +
+            weighted difficulty loss) and values to log.
         """
         gen = regime_generator if regime_generator is not None else self._gen
-        bound: DrawnBound = self.regime.draw(tokens.shape[1], gen)
-        terms = self.policy_bound(tokens, bound.policy, bound.steps)
+        regime = self.regime
+        bound: DrawnBound = regime.draw(tokens.shape[1], gen)
+        terms = self.policy_bound(
+            tokens,
+            bound.policy,
+            bound.steps,
+            ar=regime.ar_weight > 0,
+            difficulty=regime.difficulty_weight > 0,
+        )
         elbo = terms.nats.mean()
         loss = elbo
         logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{bound.label}": elbo / LN2}
-        if self.regime.difficulty_weight > 0:
+        ar = terms.ar_nats
+        if ar is not None:
+            loss = loss + regime.ar_weight * ar.mean()
+        elif _is_ar(bound, tokens.shape[1]):
+            ar = terms.nats
+        if ar is not None:
+            logs["train/ar_bpt"] = ar.mean().detach() / LN2
+        if regime.difficulty_weight > 0:
             dl = terms.difficulty_loss()
-            loss = loss + self.regime.difficulty_weight * dl
+            loss = loss + regime.difficulty_weight * dl
             logs["train/difficulty_mse"] = dl
         return loss, logs
 
@@ -317,14 +347,20 @@ class FlowLM(L.LightningModule):
         )
 
     def validation_bounds(self, length: int) -> dict[str, DrawnBound]:
-        """Validation name -> bound: ``ar``, ``block<val_block_size>`` and ``sync``.
+        """Validation name -> bound: ``ar``, ``block<val_block_size>``, ``sync`` (those asked).
+
+        Without ``val_policies``: ``ar`` (the checkpoint monitor; one causal stream) and the
+        ones the regime trains on (``block`` if it draws blocks of more than one token, ``sync``
+        if it draws the whole sequence).
 
         Args:
             length: Sequence length ``L``.
         """
-        sizes = {"ar": 1, f"block{self.val_block_size}": self.val_block_size, "sync": 0}
+        names = self.val_policies or _trained_val_policies(self.regime)
+        sizes = {"ar": ("ar", 1), "block": (f"block{self.val_block_size}", self.val_block_size)}
+        sizes["sync"] = ("sync", 0)
         m = self.val_steps_per_block
-        return {name: block_bound(size, m, length) for name, size in sizes.items()}
+        return {sizes[n][0]: block_bound(sizes[n][1], m, length) for n in names}
 
     def validation_step(self, batch, batch_idx, dataloader_idx=0):  # noqa: D102
         tokens = batch["tokens"] if isinstance(batch, dict) else batch
@@ -375,6 +411,39 @@ class FlowLM(L.LightningModule):
 
         sched = torch.optim.lr_scheduler.LambdaLR(opt, factor)
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+VAL_POLICIES = ("ar", "block", "sync")
+"""Names a ``val_policies`` list may hold."""
+
+
+def _check_val_policies(names) -> tuple[str, ...] | None:
+    if names is None:
+        return None
+    names = tuple(names)
+    bad = [n for n in names if n not in VAL_POLICIES]
+    if bad or not names:
+        raise ConfigError(
+            f"val_policies must be a non-empty list of {', '.join(VAL_POLICIES)}; got {list(names)}"
+        )
+    return names
+
+
+def _trained_val_policies(regime: TrainingRegime) -> tuple[str, ...]:
+    sizes = set(regime.block_sizes) if regime.single_stream_fraction < 1.0 else set()
+    names = ["ar"]
+    if any(size > 1 for size in sizes):
+        names.append("block")
+    if 0 in sizes:
+        names.append("sync")
+    return tuple(names)
+
+
+def _is_ar(bound: DrawnBound, length: int) -> bool:
+    """Whether a drawn bound is the AR bound (one jump per token, left to right)."""
+    policy = bound.policy
+    one_token = isinstance(policy, _policies.Block) and policy.size == 1
+    return (one_token or length == 1) and bound.steps == length
 
 
 class AutoregressiveLM(FlowLM):

@@ -16,7 +16,18 @@ commit (cross-entropy) term for each token that reaches ``0``.
 * :func:`two_stream_loss`: the vectorized estimator of block policies (AR is block size 1,
   diffusion is one block): a clean and a noisy copy of the sequence in one pass, one sub-step per
   block, every block's term at once.
+* :func:`autoregressive_loss`: the AR bound (``block(1)``, one jump per token) from ONE causal
+  stream of ``L`` committed tokens plus the null query of position 0: a plain GPT's
+  teacher-forced cross-entropy.
 * :func:`continuous_elbo`: the synchronous bound as ``K -> inf`` on ``[t_min, 1]``.
+
+**The next-token readout** (theory §4d). Committed tokens are ordered by ``(step, position)``
+(order ``step * L + position``), so tokens committed in one step see each other causally. A
+*one-jump commit* of token ``j > 0`` (from ``t = 1`` straight to 0) whose predecessors ``0..j-1``
+are all committed in position order reads its commit distribution from the committed token
+``j - 1``'s logits (:func:`next_token_readout`); every other transition reads the token's own
+output. Both are functions of the visible state, so every bound here stays an exact bound, and
+under ``autoregressive`` the bound is a causal LM's cross-entropy.
 
 The network is any module with ``embed(tokens) -> [B, L, d]``,
 ``forward(z, t, o, positions) -> out`` (``out.logits [B, L, V]``, ``out.difficulty [B, L]``) and
@@ -26,7 +37,7 @@ The network is any module with ``embed(tokens) -> [B, L, d]``,
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -40,11 +51,13 @@ from flowtext.visibility import LIVE
 
 __all__ = [
     "LossTerms",
+    "autoregressive_loss",
     "block_grid",
     "commit_steps",
     "continuous_elbo",
     "discrete_elbo",
     "gaussian_kl_weight",
+    "next_token_readout",
     "prior_kl",
     "sample_steps",
     "single_stream_loss",
@@ -56,7 +69,6 @@ __all__ = [
 LN2 = math.log(2.0)
 
 
-@dataclass(frozen=True)
 class LossTerms:
     """Per-token output of an ELBO estimator.
 
@@ -65,14 +77,40 @@ class LossTerms:
             over tokens estimates ``-log p(x)`` (upper bound) in nats.
         ce: Cross-entropy of committing each scored token at the evaluated state (detached),
             ``[B, L]``: the target of the progression-time (difficulty) head.
-        difficulty: The difficulty head's prediction at that state, ``[B, L]``.
         scored: Which tokens were evaluated at a non-committed state, ``[B, L]`` bool.
+        ar_nats: The exact AR bound of the batch per token ``[B, L]`` (prior included), when
+            the estimator was asked for it (``ar=True``), else ``None``.
     """
 
-    nats: Tensor
-    ce: Tensor
-    difficulty: Tensor
-    scored: Tensor
+    def __init__(
+        self,
+        nats: Tensor,
+        ce: Tensor,
+        difficulty: Tensor | Callable[[], Tensor] | None,
+        scored: Tensor,
+        ar_nats: Tensor | None = None,
+    ) -> None:
+        self.nats, self.ce, self.scored, self.ar_nats = nats, ce, scored, ar_nats
+        self._difficulty = difficulty
+
+    @property
+    def difficulty(self) -> Tensor:
+        """The difficulty head's prediction at the evaluated state, ``[B, L]``.
+
+        Computed on first access (the head costs nothing when no one reads it).
+
+        Raises:
+            ConfigError: The estimator evaluated no state the head reads (the one-stream AR
+                estimator; ask the two-stream one with ``difficulty=True``).
+        """
+        if self._difficulty is None:
+            raise ConfigError(
+                "this estimate has no difficulty predictions (the one-stream AR estimator): "
+                "call two_stream_loss(..., difficulty=True) to score the noisy stream"
+            )
+        if callable(self._difficulty):
+            self._difficulty = self._difficulty()
+        return self._difficulty
 
     def difficulty_loss(self) -> Tensor:
         """Mean squared error of the difficulty head on the scored tokens (scalar)."""
@@ -261,8 +299,97 @@ def _terms_at_state(
 
 
 def _orders(t: Tensor, commit_k: Tensor) -> Tensor:
-    """Committed tokens carry their commit step; live tokens share the sampling group."""
-    return torch.where(t == 0, commit_k.expand_as(t), torch.full_like(commit_k.expand_as(t), LIVE))
+    """Committed tokens: ``commit_step * L + position`` ((step, position) order); live: ``LIVE``."""
+    length = t.shape[-1]
+    if (int(commit_k.max()) + 1) * length >= LIVE:
+        raise ConfigError(f"too many steps for L = {length}: commit orders would reach LIVE")
+    pos = torch.arange(length, device=t.device)
+    committed = (commit_k.to(t.device) * length + pos).expand_as(t)
+    return torch.where(t == 0, committed, LIVE)
+
+
+def next_token_readout(t_prev: Tensor, t_next: Tensor, orders: Tensor) -> Tensor:
+    """Which commits read their committed predecessor's logits (the next-token readout).
+
+    Token ``j`` qualifies iff ``j > 0``, it jumps from ``t = 1`` straight to 0 in this step, and
+    tokens ``0..j-1`` are all committed with non-decreasing orders (a committed prefix in
+    position order). Its commit distribution is then ``softmax`` of the logits of committed token
+    ``j - 1``, whose features see exactly ``x_{<j}`` (theory §4d); any other transition reads the
+    token's own output.
+
+    Args:
+        t_prev: Times at the state before the step ``[B, L]`` (or broadcastable).
+        t_next: Times after the step, broadcastable to ``[B, L]``.
+        orders: Orders at the state before the step (commit orders where ``t_prev == 0``).
+
+    Returns:
+        ``[B, L]`` bool.
+    """
+    t_prev, t_next, orders = torch.broadcast_tensors(t_prev, t_next, orders)
+    committed = t_prev == 0
+    in_order = torch.ones_like(committed)
+    in_order[..., 1:] = orders[..., 1:] >= orders[..., :-1]
+    prefix = (committed & in_order).long().cumprod(-1).bool()  # 0..i committed, in order
+    out = torch.zeros_like(committed)
+    out[..., 1:] = prefix[..., :-1] & (t_prev[..., 1:] == 1) & (t_next[..., 1:] == 0)
+    return out
+
+
+def _read_next(logits: Tensor, eligible: Tensor, source: Tensor | None = None) -> Tensor:
+    """``logits`` with each eligible token's replaced by its predecessor's in ``source``."""
+    if not bool(eligible.any()):
+        return logits
+    source = logits if source is None else source
+    prev = torch.cat([source[:, :1], source[:, :-1]], 1)
+    return torch.where(eligible[..., None], prev, logits)
+
+
+def _null_logits(net, x_emb: Tensor) -> Tensor:
+    """Logits ``[1, 1, V]`` of the null query at position 0 (``t = 1``, sees only itself).
+
+    The commit distribution of token 0 under every one-jump policy: it reads nothing of the
+    data, so one token of batch 1 computes it for every row.
+    """
+    zero = torch.zeros(1, 1, dtype=torch.long, device=x_emb.device)
+    z = x_emb.new_zeros(1, 1, x_emb.shape[-1])
+    return net(z, x_emb.new_ones(1, 1), zero, zero).logits
+
+
+def _ar_terms(
+    net, tokens: Tensor, x_emb: Tensor, clean_logits: Tensor, schedule: NoiseSchedule
+) -> tuple[Tensor, Tensor]:
+    """``(ce, nats)`` ``[B, L]`` of the AR bound from the causal clean stream's logits."""
+    null = _null_logits(net, x_emb).to(clean_logits.dtype).expand(tokens.shape[0], 1, -1)
+    ce = _ce(torch.cat([null, clean_logits[:, :-1]], 1), tokens)
+    return ce, ce + prior_kl(x_emb, schedule)
+
+
+def autoregressive_loss(net, tokens: Tensor, schedule: NoiseSchedule) -> LossTerms:
+    """The exact AR bound (``block(1)``, one jump per token) from one causal stream.
+
+    Every token is committed in position order (``t = 0``, order = position), so committed token
+    ``j - 1`` sees ``x_{<j}`` and its logits are the commit distribution of token ``j`` (the
+    next-token readout); token 0 reads the null query. The cost is a plain causal LM's: ``L``
+    tokens (SDPA takes its causal fast path) plus one null token. Equal to
+    :func:`discrete_elbo` under ``autoregressive`` (no noise is read) and to
+    :func:`two_stream_loss` with ``block_size = steps_per_block = 1``.
+
+    Args:
+        net: The flow network.
+        tokens: ``[B, L]``.
+        schedule: The noise schedule (its prior term at ``t = 1``).
+
+    Returns:
+        :class:`LossTerms` with ``nats = ar_nats`` (prior included) and no difficulty.
+    """
+    _check_tokens(tokens)
+    b, length = tokens.shape
+    x_emb = net.embed(tokens)
+    pos = torch.arange(length, device=tokens.device).expand(b, length)
+    out = net(x_emb, x_emb.new_zeros(b, length), pos, pos)
+    ce, nats = _ar_terms(net, tokens, x_emb, out.logits, schedule)
+    scored = torch.ones_like(tokens, dtype=torch.bool)
+    return LossTerms(nats=nats, ce=ce.detach(), difficulty=None, scored=scored, ar_nats=nats)
 
 
 def _check_tokens(tokens: Tensor) -> None:
@@ -314,7 +441,8 @@ def discrete_elbo(
 
     Returns:
         Per-token bound in nats ``[B, L]`` (prior term included); sum over ``L`` for the
-        sequence.
+        sequence. One-jump commits after a committed in-order prefix read the predecessor's
+        logits (:func:`next_token_readout`).
     """
     _check_tokens(tokens)
     grid = grid.to(device=tokens.device)
@@ -334,11 +462,13 @@ def discrete_elbo(
             else torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
         )
         z = _state(net, x_emb, t_prev, noise, schedule)
-        out = net(z, t_prev, _orders(t_prev, ks[None, :]), None)
+        o = _orders(t_prev, ks[None, :])
+        out = net(z, t_prev, o, None)
         table, xi = _mixture_inputs(net, x_emb, reverse, generator)
         x_hat = net.x0_hat(out.logits)
+        logits = _read_next(out.logits, next_token_readout(t_prev, t_next, o))
         nats, _ = _terms_at_state(
-            out.logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+            logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
         )
         total = total + nats
     return total
@@ -353,6 +483,7 @@ def single_stream_loss(
     generator: torch.Generator | None = None,
     sampling: str = "stratified",
     reverse: str = "gaussian",
+    ar: bool = False,
 ) -> LossTerms:
     """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
 
@@ -367,6 +498,8 @@ def single_stream_loss(
         generator: Random generator.
         sampling: How the rows' steps are drawn (:func:`sample_steps`).
         reverse: ``"gaussian"`` or ``"mixture"`` reverse step (as in :func:`discrete_elbo`).
+        ar: Also return the AR bound of the batch (``ar_nats``), from one extra causal stream
+            of ``L`` tokens (:func:`autoregressive_loss`).
 
     Returns:
         :class:`LossTerms` (``nats`` includes the prior term).
@@ -381,17 +514,20 @@ def single_stream_loss(
     t_next = grid[k].to(x_emb.dtype)
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
     z = _state(net, x_emb, t_prev, eps, schedule)
-    out = net(z, t_prev, _orders(t_prev, commit_steps(grid)[None, :]), None)
+    o = _orders(t_prev, commit_steps(grid)[None, :])
+    out = net(z, t_prev, o, None)
     table, xi = _mixture_inputs(net, x_emb, reverse, generator)
     x_hat = net.x0_hat(out.logits)
+    logits = _read_next(out.logits, next_token_readout(t_prev, t_next, o))
     nats, ce = _terms_at_state(
-        out.logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+        logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
     )
     return LossTerms(
         nats=n_steps * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
-        difficulty=out.difficulty,
+        difficulty=lambda: out.difficulty,
         scored=t_prev > 0,
+        ar_nats=autoregressive_loss(net, tokens, schedule).nats if ar else None,
     )
 
 
@@ -406,14 +542,19 @@ def two_stream_loss(
     generator: torch.Generator | None = None,
     sampling: str = "stratified",
     reverse: str = "gaussian",
+    ar: bool = False,
+    difficulty: bool = True,
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
-    The clean stream holds every token committed (order = block id); the noisy stream holds
-    block ``b`` at the state before its ``j_b``-th transition, ``j_b`` uniform in
-    ``1..steps_per_block`` (drawn by ``sampling``). With ``steps_per_block = 1`` and
-    ``block_size = 1`` the result is exactly teacher-forced AR cross-entropy; with one block it
-    is diffusion training, and the clean stream (invisible to the noisy one) is skipped.
+    The clean stream holds every token committed (order = position: token-causal); the noisy
+    stream holds block ``b`` at the state before its ``j_b``-th transition, ``j_b`` uniform in
+    ``1..steps_per_block`` (drawn by ``sampling``). A block's first token, when it jumps from 1
+    to 0, reads the clean logits of its predecessor (:func:`next_token_readout`). With
+    ``block_size = steps_per_block = 1`` this is the AR bound, computed as one causal stream
+    (:func:`autoregressive_loss`) unless ``difficulty`` asks for the noisy stream; with one
+    block it is diffusion training, and the clean stream (invisible to the noisy one) is skipped
+    unless ``ar`` asks for it.
 
     Args:
         net: The flow network.
@@ -425,6 +566,9 @@ def two_stream_loss(
         generator: Random generator.
         sampling: How the blocks' sub-steps are drawn (:func:`sample_steps`).
         reverse: ``"gaussian"`` or ``"mixture"`` reverse step (as in :func:`discrete_elbo`).
+        ar: Also return the AR bound of the batch (``ar_nats``): free from the clean stream
+            when there are several blocks, one extra causal stream of ``L`` tokens otherwise.
+        difficulty: Whether the caller reads ``difficulty`` (the noisy stream's predictions).
 
     Returns:
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
@@ -434,6 +578,8 @@ def two_stream_loss(
         raise ConfigError(
             f"need block_size >= 1 and steps_per_block >= 1, got {block_size}, {steps_per_block}"
         )
+    if block_size == 1 and steps_per_block == 1 and not difficulty:
+        return autoregressive_loss(net, tokens, schedule)
     b, length = tokens.shape
     dev = tokens.device
     x_emb = net.embed(tokens)
@@ -449,23 +595,33 @@ def two_stream_loss(
     t_prev, t_next = tau[j_tok - 1], tau[j_tok]
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(dev)
     z_noisy = _state(net, x_emb, t_prev, eps, schedule)
+    ar_nats = None
     if n_blocks == 1:  # no clean key is visible to the noisy stream: one stream suffices
         out = net(z_noisy, t_prev, torch.full_like(block_ids, LIVE), None)
-        logits, difficulty = out.logits, out.difficulty
+        own, noisy = out.logits, slice(None)
+        logits = own
+        if ar:
+            ar_nats = autoregressive_loss(net, tokens, schedule).nats
     else:
         t2, o2 = two_stream_layout(block_ids, t_prev)
         pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
         out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
-        logits, difficulty = out.logits[:, length:], out.difficulty[:, length:]
+        clean, own, noisy = out.logits[:, :length], out.logits[:, length:], slice(length, None)
+        if ar:
+            ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]
+        first = (pos[:, :length] % block_size == 0) & (pos[:, :length] > 0)
+        logits = _read_next(own, first & (t_prev == 1) & (t_next == 0), clean)
+    x_hat = net.x0_hat(own)
     table, xi = _mixture_inputs(net, x_emb, reverse, generator)
     nats, ce = _terms_at_state(
-        logits, net.x0_hat(logits), tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+        logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
     )
     return LossTerms(
         nats=m * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
-        difficulty=difficulty,
+        difficulty=lambda: out.difficulty[:, noisy],
         scored=torch.ones_like(tokens, dtype=torch.bool),
+        ar_nats=ar_nats,
     )
 
 

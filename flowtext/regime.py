@@ -9,9 +9,11 @@ A :class:`TrainingRegime` is plain, validated data. Each training batch draws on
   ``diagonal_steps`` steps per token, estimated single-stream. Its states mix committed,
   partially denoised and pure-noise tokens at different times: those an adaptive decoder visits.
 
-The loss is the drawn bound's ELBO (nats per token) plus ``difficulty_weight`` times the
-progression-time head's regression loss. AR, diffusion and Evo are the presets
-:meth:`TrainingRegime.autoregressive`, :meth:`TrainingRegime.diffusion` and
+The loss is the drawn bound's ELBO (nats per token), plus ``ar_weight`` times the exact AR bound
+of the same batch (on *every* batch: free from the token-causal clean stream of two-stream
+batches, one extra causal stream of ``L`` tokens for single-stream and one-block batches), plus
+``difficulty_weight`` times the progression-time head's regression loss. AR, diffusion and Evo
+are the presets :meth:`TrainingRegime.autoregressive`, :meth:`TrainingRegime.diffusion` and
 :meth:`TrainingRegime.evo`.
 
 Example:
@@ -82,6 +84,9 @@ class TrainingRegime:
     stratified over the batch (lower variance) or independent uniforms."""
     difficulty_weight: float = 0.0
     """Weight of the progression-time head's regression loss added to the ELBO (0 = untrained)."""
+    ar_weight: float = 0.0
+    """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
+    the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize YAML lists to tuples once, here
@@ -108,8 +113,10 @@ class TrainingRegime:
         widths = self.diagonal_widths
         if fraction > 0 and (not widths or not all(math.isfinite(w) and w > 0 for w in widths)):
             raise ConfigError(f"diagonal_widths must be positive numbers, got {list(widths)}")
-        if not (math.isfinite(self.difficulty_weight) and self.difficulty_weight >= 0):
-            raise ConfigError(f"difficulty_weight must be >= 0, got {self.difficulty_weight}")
+        for name in ("difficulty_weight", "ar_weight"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
         if self.step_sampling not in STEP_SAMPLINGS:
             raise ConfigError(
                 f"unknown step_sampling {self.step_sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}"
@@ -144,13 +151,15 @@ class TrainingRegime:
     def evo(cls) -> TrainingRegime:
         """Evo: AR, blocks and whole sequence, a quarter of diagonal states, difficulty head.
 
-        Block sizes ``(1, 1, 2, 4, 8, 0)`` (AR twice as often) at 16 steps per block.
+        Block sizes ``(1, 1, 2, 4, 8, 0)`` (AR twice as often) at 16 steps per block, and the
+        exact AR bound on every batch (``ar_weight = 1``).
         """
         return cls(
             block_sizes=(1, 1, 2, 4, 8, 0),
             steps_per_block=16,
             single_stream_fraction=0.25,
             difficulty_weight=0.1,
+            ar_weight=1.0,
         )
 
     # ------------------------------------------------------------------------------ the draws
@@ -185,6 +194,11 @@ class TrainingRegime:
             return DrawnBound(policy, length * self.diagonal_steps, "diagonal")
         i = int(torch.randint(len(self.block_sizes), (1,), generator=generator))
         return self.block_bound(self.block_sizes[i], length)
+
+    def trains_ar(self) -> bool:
+        """Whether the AR bound is part of the loss (drawn as ``block1``, or ``ar_weight > 0``)."""
+        drawn = self.single_stream_fraction < 1.0 and 1 in self.block_sizes
+        return drawn or self.ar_weight > 0
 
     def probabilities(self) -> dict[str, float]:
         """Probability of each log label per batch (``block<B>`` and ``diagonal``)."""

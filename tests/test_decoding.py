@@ -47,29 +47,40 @@ def gen(seed):
 
 # ----------------------------------------------------------------------------------------- T2
 def ar_loop(net, prompt, length, *, greedy, generator=None, temperature=1.0):
-    """A plain causal AR loop with a KV cache, written against the backbone API only."""
+    """A plain causal AR loop with a KV cache, written against the backbone API only.
+
+    As a GPT decodes: feed the last token (a committed query against the cache of the ones
+    before it), read the next token's logits there, cache it. Position 0 without a prompt reads
+    the null query (``t = 1``, sees only itself).
+    """
     b, p = prompt.shape
     d = net.config.d_embed
+    one = torch.ones(b, 1, dtype=torch.float64)
     cache = net.new_cache(b)
-    if p:
-        cache = net.commit(cache, net.embed(prompt), torch.arange(p).expand(b, p), torch.arange(p))
+    if p > 1:
+        q = p - 1
+        cache = net.commit(
+            cache, net.embed(prompt[:, :q]), torch.arange(q).expand(b, q), torch.arange(q)
+        )
+    last = prompt[:, -1:] if p else None
     out = []
     with torch.no_grad():
         for i in range(length):
-            pos = torch.full((b, 1), p + i)
-            logits = net(
-                torch.zeros(b, 1, d, dtype=torch.float64),
-                torch.ones(b, 1, dtype=torch.float64),
-                torch.full((b, 1), LIVE),
-                positions=pos,
-                cache=cache,
-            ).logits[:, 0]
+            if last is None:  # the null query at position 0
+                zero = torch.zeros(b, 1, dtype=torch.long)
+                logits = net(torch.zeros(b, 1, d, dtype=torch.float64), one, zero, zero).logits
+            else:
+                pos = torch.full((b, 1), p + i - 1)
+                z = net.embed(last)
+                logits = net(z, 0 * one, pos, positions=pos, cache=cache).logits
+                cache = net.commit(cache, z, pos, pos)
+            logits = logits[:, 0]
             if greedy:
                 x = logits.argmax(-1)
             else:
                 probs = torch.softmax(logits / temperature, -1)
                 x = torch.multinomial(probs, 1, generator=generator)[:, 0]
-            cache = net.commit(cache, net.embed(x[:, None]), torch.full((b, 1), p + i), pos)
+            last = x[:, None]
             out.append(x)
     return torch.stack(out, 1)
 
@@ -283,6 +294,9 @@ class OneHotStub(nn.Module):
         sure = live & (pos == first)
         certain = torch.nn.functional.one_hot(pos % V, V).to(z.dtype) * 50.0  # token pos % V
         logits = torch.where(sure[..., None], certain, torch.zeros_like(certain))
+        # a committed token's readout predicts the next one (the next-token readout)
+        following = torch.nn.functional.one_hot((pos + 1) % V, V).to(z.dtype) * 50.0
+        logits = torch.where((t == 0)[..., None], following, logits)
         difficulty = torch.where(sure, 0.0, 10.0).to(z.dtype)
         return FlowOutput(logits=logits, difficulty=difficulty, hidden=None)
 

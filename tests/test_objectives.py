@@ -10,12 +10,15 @@ from hypothesis import strategies as st
 
 from flowtext import policies, schedules
 from flowtext.attention import LIVE
+from flowtext.errors import ConfigError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import (
+    autoregressive_loss,
     block_grid,
     continuous_elbo,
     discrete_elbo,
     gaussian_kl_weight,
+    next_token_readout,
     single_stream_loss,
     two_stream_loss,
     with_t_min,
@@ -43,8 +46,13 @@ def tiny_net(seed, vocab=11, max_len=16):
     return net
 
 
-def teacher_forced_ce(net, tokens):
-    """Plain AR loop: token i predicted from the committed prefix, written independently."""
+def ar_loop(net, tokens):
+    """Independent AR loop: one state per token, written against the network API only.
+
+    Before token ``i`` commits, tokens ``0..i-1`` are committed in position order and the rest
+    sit at ``t = 1``. Token 0 reads its own (null-query) output; token ``i > 0`` reads the logits
+    of committed token ``i - 1`` (the next-token readout).
+    """
     b, n = tokens.shape
     x = net.embed(tokens)
     out = torch.zeros(b, n, dtype=x.dtype)
@@ -52,11 +60,27 @@ def teacher_forced_ce(net, tokens):
         t = torch.ones(b, n, dtype=x.dtype)
         t[:, :i] = 0.0
         o = torch.full((b, n), LIVE, dtype=torch.long)
-        o[:, :i] = torch.arange(i)
+        o[:, :i] = 7 * torch.arange(i) + 3  # any increasing orders
         z = torch.where((t == 0)[..., None], x, torch.randn_like(x))
-        logits = net(z, t, o).logits
-        out[:, i] = F.cross_entropy(logits[:, i], tokens[:, i], reduction="none")
+        logits = net(z, t, o).logits[:, max(i - 1, 0)]
+        out[:, i] = F.cross_entropy(logits, tokens[:, i], reduction="none")
     return out
+
+
+def causal_stream_ce(net, tokens):
+    """Teacher-forced CE of one causal stream (a plain GPT's loss) plus the null query."""
+    b, n = tokens.shape
+    x = net.embed(tokens)
+    pos = torch.arange(n).expand(b, n)
+    stream = net(x, torch.zeros(b, n, dtype=x.dtype), pos, pos).logits
+    null = net(
+        torch.zeros(1, 1, x.shape[-1], dtype=x.dtype),
+        torch.ones(1, 1, dtype=x.dtype),
+        torch.zeros(1, 1, dtype=torch.long),
+        torch.zeros(1, 1, dtype=torch.long),
+    ).logits
+    logits = torch.cat([null.expand(b, 1, -1), stream[:, :-1]], 1)
+    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
 
 
 @given(seed=st.integers(0, 1000), length=st.integers(1, 9), batch=st.integers(1, 3))
@@ -64,13 +88,33 @@ def teacher_forced_ce(net, tokens):
 def test_t4_elbo_under_autoregressive_is_teacher_forced_ce(seed, length, batch):
     net = tiny_net(seed)
     tokens = torch.randint(0, 11, (batch, length), generator=torch.Generator().manual_seed(seed))
-    ref = teacher_forced_ce(net, tokens)
     with torch.no_grad():
+        ref = causal_stream_ce(net, tokens)
+        loop = ar_loop(net, tokens)
         grid = policies.get("autoregressive").grid(length, length, dtype=torch.float64)
         sequential = discrete_elbo(net, tokens, grid, net_schedule := schedules.get("cosine"))
-        vectorized = two_stream_loss(net, tokens, net_schedule, block_size=1).nats
-    torch.testing.assert_close(sequential, ref, rtol=1e-10, atol=1e-10)
-    torch.testing.assert_close(vectorized, ref, rtol=1e-10, atol=1e-10)
+        two = two_stream_loss(net, tokens, net_schedule, block_size=1)  # noisy stream kept
+        one = two_stream_loss(net, tokens, net_schedule, block_size=1, difficulty=False)
+        direct = autoregressive_loss(net, tokens, net_schedule)
+    torch.testing.assert_close(loop, ref, rtol=1e-10, atol=1e-10)
+    for got in (sequential, two.nats, one.nats, direct.nats, direct.ar_nats):
+        torch.testing.assert_close(got, ref, rtol=1e-10, atol=1e-10)
+    assert two.difficulty.shape == tokens.shape
+    with pytest.raises(ConfigError, match="difficulty"):
+        _ = one.difficulty
+
+
+def test_t4_fails_for_the_old_readout():
+    """The AR bound is not the token's own output any more: the test above can fail."""
+    net = tiny_net(1)
+    tokens = torch.randint(0, 11, (2, 6), generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        x = net.embed(tokens)
+        pos = torch.arange(6).expand(2, 6)
+        own = net(x, torch.zeros(2, 6, dtype=x.dtype), pos, pos).logits  # reads x_i itself
+        bad = F.cross_entropy(own.transpose(1, 2), tokens, reduction="none")
+        good = autoregressive_loss(net, tokens, schedules.get("cosine")).nats
+    assert float((bad[:, 1:] - good[:, 1:]).abs().max()) > 1e-3
 
 
 @pytest.mark.parametrize("name", schedules.names())
@@ -230,8 +274,87 @@ def test_each_step_is_drawn_uniformly_by_either_sampling(sampling):
 
 
 def test_unknown_step_sampling_is_a_config_error():
-    from flowtext.errors import ConfigError
     from flowtext.objectives import sample_steps
 
     with pytest.raises(ConfigError, match="stratified"):
         sample_steps(4, 3, sampling="sobol")
+
+
+# ------------------------------------------------------------------ the next-token readout
+@settings(max_examples=60, deadline=None)
+@given(seed=st.integers(0, 2**16), n=st.integers(1, 8))
+def test_next_token_readout_matches_its_definition(seed, n):
+    g = torch.Generator().manual_seed(seed)
+    t_prev = torch.tensor([0.0, 1.0, 0.5])[torch.randint(0, 3, (3, n), generator=g)]
+    t_prev[:, : int(torch.randint(0, n + 1, (), generator=g))] = 0.0  # often a committed prefix
+    t_next = torch.where(torch.rand(3, n, generator=g) < 0.7, 0.0, 0.25 * t_prev)
+    orders = torch.where(t_prev == 0, torch.randint(0, 4, (3, n), generator=g).cumsum(1), LIVE)
+    orders[0, :] = torch.randint(0, 9, (n,), generator=g)  # a row of unordered commits
+    got = next_token_readout(t_prev, t_next, orders)
+    for r in range(3):
+        for j in range(n):
+            prefix = all(t_prev[r, i] == 0 for i in range(j)) and all(
+                orders[r, i] >= orders[r, i - 1] for i in range(1, j)
+            )
+            want = j > 0 and prefix and t_prev[r, j] == 1 and t_next[r, j] == 0
+            assert bool(got[r, j]) == want
+
+
+@pytest.mark.parametrize("block", [2, 3])
+def test_one_jump_block_bound_is_exact_in_both_forms(block):
+    """block(B) with one jump per block reads no noise: two-stream == the exact K-step bound.
+
+    Each block's first token reads its predecessor's clean logits, the others their own
+    null query; the sequential bound reaches the same states with (step, position) orders.
+    """
+    net = tiny_net(2)
+    sched = schedules.get("cosine")
+    tokens = torch.randint(0, 11, (3, 7), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        exact = discrete_elbo(net, tokens, block_grid(7, block, 1), sched)
+        two = two_stream_loss(net, tokens, sched, block_size=block, steps_per_block=1).nats
+    torch.testing.assert_close(two, exact, rtol=1e-10, atol=1e-10)
+    firsts = torch.arange(7) % block == 0
+    assert bool((firsts[1:]).any())  # some tokens take the next-token readout
+
+
+def test_single_stream_under_ar_with_one_draw_per_step_is_exact():
+    """Stratified draws hit every step once per K rows; AR reads no noise: mean == exact."""
+    net = tiny_net(3)
+    sched = schedules.get("cosine")
+    tokens = torch.randint(0, 11, (1, 6), generator=torch.Generator().manual_seed(5))
+    grid = policies.get("autoregressive").grid(6, 6, dtype=torch.float64)
+    with torch.no_grad():
+        exact = discrete_elbo(net, tokens, grid, sched).sum()
+        est = single_stream_loss(net, tokens.expand(6, -1), grid, sched, generator=gen(0))
+    torch.testing.assert_close(est.nats.sum(1).mean(), exact, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("block,m", [(1, 1), (2, 4), (3, 2), (7, 4)])
+def test_every_estimator_returns_the_ar_bound_of_the_batch(block, m):
+    """``ar=True`` gives the exact AR bound, free from the clean stream or from one stream."""
+    net = tiny_net(4)
+    sched = schedules.get("cosine")
+    tokens = torch.randint(0, 11, (2, 7), generator=torch.Generator().manual_seed(6))
+    with torch.no_grad():
+        want = autoregressive_loss(net, tokens, sched).nats
+        two = two_stream_loss(net, tokens, sched, block_size=block, steps_per_block=m, ar=True)
+        grid = policies.get("diagonal", width=0.5).grid(7, 14, dtype=torch.float64)
+        one = single_stream_loss(net, tokens, with_t_min(grid, 0.2), sched, ar=True)
+        plain = two_stream_loss(net, tokens, sched, block_size=block, steps_per_block=m)
+    torch.testing.assert_close(two.ar_nats, want, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(one.ar_nats, want, rtol=1e-10, atol=1e-10)
+    assert plain.ar_nats is None
+
+
+def test_commit_orders_are_step_then_position():
+    """Tokens committed in one step see each other causally (the token-causal clean stream)."""
+    from flowtext.objectives import _orders
+
+    t = torch.tensor([[0.0, 0.0, 0.0, 0.5]])
+    o = _orders(t, torch.tensor([[2, 1, 2, 3]]))
+    assert o.tolist() == [[2 * 4 + 0, 1 * 4 + 1, 2 * 4 + 2, LIVE]]
+
+
+def gen(seed):
+    return torch.Generator().manual_seed(seed)

@@ -2,7 +2,9 @@
 
 Every token carries a progression time ``t`` and an integer order ``o``:
 
-* committed tokens (``t == 0``): ``o`` is the commit order (the global step at which it committed);
+* committed tokens (``t == 0``): ``o`` is the commit order, ``step * M + position`` (``M`` any bound
+  on the positions): commits are ordered by step, and tokens committed in the same step by
+  position, so they see each other causally (a token-causal clean stream);
 * live tokens (``t > 0``): ``o`` is the *group* the token will commit with. During sampling every
   live token shares the sentinel group :data:`LIVE`; in two-stream training the noisy copy of block
   ``b`` has group ``b``.
@@ -97,10 +99,12 @@ def two_stream_layout(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Times and orders of the two-stream (clean + noisy) training layout.
 
-    The first ``L`` tokens are the clean stream (``t = 0``, order = block id); the last ``L`` are
-    the noisy stream (time of their block, group = block id). With the rule of
-    :func:`visibility_mask`, noisy queries of block ``b`` see clean keys of blocks ``< b`` and
-    informative noisy keys of block ``b``; clean queries see clean keys of blocks ``<= b``.
+    The first ``L`` tokens are the clean stream (``t = 0``, order = position: block ``b`` commits
+    at step ``b``, ties broken by position, and blocks are contiguous); the last ``L`` are the
+    noisy stream (time of their block, group = the block's first position). With the rule of
+    :func:`visibility_mask`, noisy queries of block ``b`` see the clean keys of blocks ``< b`` and
+    the informative noisy keys of block ``b``; clean queries see the clean keys at positions
+    ``<=`` their own: the clean stream is token-causal, a plain causal LM's stream.
 
     Args:
         block_ids: Block index of every position, ``[B, L]`` integer, non-decreasing.
@@ -113,9 +117,36 @@ def two_stream_layout(
         raise ShapeError(
             f"block_ids {tuple(block_ids.shape)} and t_noisy {tuple(t_noisy.shape)} differ"
         )
+    b, length = block_ids.shape
+    pos = torch.arange(length, device=block_ids.device).expand(b, length)
+    starts = torch.full_like(block_ids, length).scatter_reduce(1, block_ids, pos, "amin")
     t = torch.cat([torch.zeros_like(t_noisy), t_noisy], dim=1)
-    o = torch.cat([block_ids, block_ids], dim=1)
+    o = torch.cat([pos, torch.gather(starts, 1, block_ids)], dim=1)
     return t, o
+
+
+def is_causal(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor) -> bool:
+    """Whether the visibility mask is the plain causal (lower-triangular) mask.
+
+    A sufficient condition, checked in ``O(B L)``: queries are the keys (``Lq == Lk``), every
+    token is committed and orders strictly increase along each row (a clean stream whose commits
+    follow positions, e.g. the autoregressive stream of :mod:`flowtext.objectives`). Committed
+    query ``i`` then sees key ``j`` iff ``o_j <= o_i`` iff ``j <= i``.
+
+    Args:
+        t_q: Query times ``[B, Lq]``.
+        o_q: Query orders ``[B, Lq]``.
+        t_k: Key times ``[B, Lk]``.
+        o_k: Key orders ``[B, Lk]``.
+
+    Returns:
+        ``True`` if :func:`visibility_mask` is ``tril`` (one device sync).
+    """
+    _check_layout(t_q, o_q, t_k, o_k)
+    if t_q.shape != t_k.shape or t_k.shape[1] == 0:
+        return False
+    ok = (t_k == 0).all() & (o_k[:, 1:] > o_k[:, :-1]).all()
+    return bool(ok)
 
 
 def sdpa_attention(
@@ -131,8 +162,9 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Attention under the visibility rules through a dense mask and PyTorch SDPA.
 
-    When every pair is visible (:func:`all_visible`, e.g. the diffusion single stream) no mask is
-    built and SDPA may pick its fused (flash / memory-efficient) kernels.
+    When every pair is visible (:func:`all_visible`, e.g. the diffusion single stream) or the
+    mask is plain causal (:func:`is_causal`, e.g. the autoregressive stream) no mask is built and
+    SDPA may pick its fused (flash / memory-efficient) kernels.
 
     Args:
         q: Queries ``[B, H, Lq, D]``.
@@ -153,6 +185,8 @@ def sdpa_attention(
         return out.to(q.dtype)
     if all_visible(t_q, o_q, t_k, o_k):  # e.g. the diffusion single stream: no mask, fast kernels
         return F.scaled_dot_product_attention(q, k, v)
+    if is_causal(t_q, o_q, t_k, o_k):  # the autoregressive stream: a plain causal mask
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True)
     return F.scaled_dot_product_attention(
         q, k, v, attn_mask=visibility_mask(t_q, o_q, t_k, o_k)[:, None]
     )

@@ -4,13 +4,18 @@ One global step ``k`` of :func:`step`:
 
 1. the policy names the *awake* tokens (:meth:`~flowtext.policies.ProgressionPolicy.awake`);
 2. :func:`evaluate` runs the network on them (fusing the previous step's commits into the same
-   pass when the KV cache is on);
+   pass when the KV cache is on, which also hands back the logits of the committed token just
+   before the first uncommitted one: the next-token readout, theory §4d);
 3. the policy gives the next times (:meth:`~flowtext.policies.ProgressionPolicy.next_times`):
    tokens whose time reaches 0 commit, the others with a smaller time move;
-4. :func:`draw` samples the committing tokens from the readout at the state before the step;
+4. :func:`draw` samples the committing tokens from the readout at the state before the step (a
+   one-jump commit of the first uncommitted token after a committed prefix in position order
+   reads its committed predecessor's logits, as in training);
 5. :func:`move` takes one solver step for the moving tokens (the solver reuses the evaluation
    of step 2 as its first stage);
-6. :func:`commit` writes the drawn tokens: ``z_i := e(x_i)``, ``t_i := 0``, order ``base + k + 1``;
+6. :func:`commit` writes the drawn tokens: ``z_i := e(x_i)``, ``t_i := 0``, order
+   ``(k + 1) * base + position`` (ordered by step, then position: tokens committed together see
+   each other causally);
 7. :func:`end_step` records the times and stops rows that committed an EOS.
 
 What does not change during decoding (network, components, prompt region) is a
@@ -28,6 +33,7 @@ from torch import Tensor
 
 from flowtext.decoding.inputs import Settings
 from flowtext.decoding.sampling import RowNoise, token_probs
+from flowtext.errors import ConfigError
 from flowtext.flow import Field, Prediction
 from flowtext.nn import KVCache
 from flowtext.policies import Evaluation, PolicyView
@@ -44,6 +50,7 @@ __all__ = [
     "initial_state",
     "live",
     "move",
+    "next_token_evaluation",
     "step",
 ]
 
@@ -62,7 +69,8 @@ class Context:
         positions: Prompt positions ``[B, P]``.
         gen_positions: Positions of the generated region ``[B, L]``.
         fixed: Fixed (infilling) tokens of the generated region ``[B, L]`` bool.
-        base: Generated commits at step ``k`` get order ``base + k + 1`` (after every fixed one).
+        base: Generated commits at step ``k`` get order ``(k + 1) * base + position`` (after
+            every prompt and fixed one; ``base = P + L`` exceeds every position).
     """
 
     z: Tensor
@@ -117,6 +125,9 @@ class DecodeState:
         cache: KV cache of committed tokens, or ``None`` without the cache.
         pending: Commits not yet in the cache (fused into the next evaluation), or ``None``.
         times: ``t`` after every step so far (``record``), else empty.
+        next_logits: Logits ``[B, V]`` of a committed token (the next-token readout), or
+            ``None`` before the first one is known.
+        next_pos: Absolute position ``[B]`` whose logits ``next_logits`` holds (``-1``: none).
     """
 
     t: Tensor
@@ -132,6 +143,8 @@ class DecodeState:
     cache: KVCache | None = None
     pending: Commits | None = None
     times: tuple[Tensor, ...] = ()
+    next_logits: Tensor | None = None
+    next_pos: Tensor | None = None
 
 
 # ------------------------------------------------------------------------------------ the start
@@ -150,8 +163,16 @@ def initial_state(
     Returns:
         ``(context, state)``; with the cache, the state's ``pending`` holds the prompt and
         fixed tokens, which the first evaluation commits.
+
+    Raises:
+        ConfigError: So many steps that commit orders would reach ``LIVE``.
     """
     ctx = _context(net, rows, fixed_ids, settings.fixed_order == "joint", dtype)
+    if (settings.steps + 1) * ctx.base >= LIVE:
+        raise ConfigError(
+            f"{settings.steps} steps over {ctx.base} positions exceed the commit orders "
+            f"((step, position) below LIVE = {LIVE}); use fewer steps"
+        )
     B, L = fixed_ids.shape
     is_fixed = ctx.fixed
     ids = torch.where(is_fixed, fixed_ids, -1)
@@ -221,7 +242,8 @@ def step(dec: Decoder, s: DecodeState) -> DecodeState:
     if bool(awake.any()):
         idx, valid, view_z, view_t = _pack(awake, s.z, s.t, fill=(0.0, 1.0))
         logits, difficulty, s = evaluate(dec, s, view_z, view_t, idx, valid)
-        view = replace(view, evaluation=Evaluation(logits, difficulty, idx, valid))
+        own = Evaluation(logits, difficulty, idx, valid)
+        view = replace(view, evaluation=next_token_evaluation(dec, s, own))
         target = dec.settings.policy.next_times(view)
         committing = awake & (target == 0)
         moving = awake & (target > 0) & (target < s.t)
@@ -229,7 +251,7 @@ def step(dec: Decoder, s: DecodeState) -> DecodeState:
         if bool(start.any()):
             s = replace(s, z=torch.where(start[..., None], dec.noise.normal(s.z, start), s.z))
         ids = draw(dec, s, view.evaluation, committing)
-        s = move(dec, s, view.evaluation, moving, target)
+        s = move(dec, s, own, moving, target)
         if ids is not None:
             s = commit(dec, s, committing, ids)
     return end_step(dec, s)
@@ -239,6 +261,10 @@ def evaluate(
     dec: Decoder, s: DecodeState, z: Tensor, t: Tensor, idx: Tensor, valid: Tensor
 ) -> tuple[Tensor, Tensor, DecodeState]:
     """Run the network on a packed view of the generated region.
+
+    The pass also keeps the next-token readout: the logits of the committed token just before
+    the first uncommitted one (from the fused commits, or from the whole sequence without the
+    cache) in ``next_logits`` / ``next_pos``.
 
     Args:
         dec: The decoder.
@@ -252,24 +278,120 @@ def evaluate(
         ``(logits [B, n, V], difficulty [B, n], new state)``.
     """
     if s.cache is None:
-        logits, difficulty = _full_forward(dec, s, z, t, idx, valid)
+        logits, difficulty, nxt, nxt_pos = _full_forward(dec, s, z, t, idx, valid)
+        s = _keep_next(s, nxt, nxt_pos)
         return logits, difficulty, replace(s, nfe=s.nfe + 1, passes=s.passes + 1)
     pos = torch.gather(dec.context.gen_positions, 1, idx)
     o = torch.full_like(idx, LIVE)
     net = dec.net
     if s.pending is None:
-        out, cache, n_pass = net(z, t, o, positions=pos, cache=s.cache), s.cache, 1
-    elif hasattr(net, "commit_forward"):
-        (out, cache), n_pass = net.commit_forward(s.cache, s.pending, z, t, o, pos), 1
-    else:
-        cache = net.commit(s.cache, *s.pending)
-        out, n_pass = net(z, t, o, positions=pos, cache=cache), 2
+        out = net(z, t, o, positions=pos, cache=s.cache)
+        return out.logits, out.difficulty, replace(s, nfe=s.nfe + 1, passes=s.passes + 1)
+    target = _predecessor(dec, s)
+    _, po, ppos = s.pending
+    hit = (ppos == target[:, None]) & (po < LIVE)
+    found = hit.any(1)
+    readout = torch.where(found, hit.to(torch.int8).argmax(1), -1)
+    if hasattr(net, "commit_forward"):
+        out, cache = net.commit_forward(s.cache, s.pending, z, t, o, pos, readout=readout)
+        logits, difficulty, nxt, n_pass = out.logits, out.difficulty, out.next_logits, 1
+    else:  # committed tokens and queries in one forward (exact: the former never see the
+        # latter), then the cache
+        logits, difficulty, nxt = _forward_with_commits(net, s, z, t, o, pos, readout)
+        cache, n_pass = net.commit(s.cache, *s.pending), 2
+    s = _keep_next(s, nxt, torch.where(found, target, -1))
     s = replace(s, cache=cache, pending=None, nfe=s.nfe + 1, passes=s.passes + n_pass)
-    return out.logits, out.difficulty, s
+    return logits, difficulty, s
 
 
-def _full_forward(dec: Decoder, s: DecodeState, z, t, idx, valid) -> tuple[Tensor, Tensor]:
-    """Cache-less evaluation: the whole sequence with the view written in, read at the view."""
+def _forward_with_commits(net, s: DecodeState, z, t, o, pos, readout) -> tuple[Tensor, ...]:
+    """Queries' logits and difficulty, and the pending token ``readout``'s logits ``[B, V]``."""
+    pz, po, ppos = s.pending
+    n = pz.shape[1]
+    zeros = torch.zeros(po.shape, dtype=t.dtype, device=t.device)
+    out = net(
+        torch.cat([pz.to(z.dtype), z], 1),
+        torch.cat([zeros, t], 1),
+        torch.cat([po, o], 1),
+        positions=torch.cat([ppos, pos], 1),
+        cache=s.cache,
+    )
+    gather = readout.clamp_min(0)[:, None, None].expand(-1, 1, out.logits.shape[-1])
+    nxt = torch.gather(out.logits[:, :n], 1, gather)[:, 0]
+    return out.logits[:, n:], out.difficulty[:, n:], nxt
+
+
+def _frontier(s: DecodeState) -> Tensor:
+    """First uncommitted index of the generated region ``[B]`` (``L`` when none)."""
+    L = s.t.shape[1]
+    ar = torch.arange(L, device=s.t.device)
+    return torch.where(s.t > 0, ar[None], L).amin(1)
+
+
+def _predecessor(dec: Decoder, s: DecodeState) -> Tensor:
+    """Absolute position ``[B]`` of the token before the frontier (``-1``: none)."""
+    f = _frontier(s)
+    target = dec.context.gen_positions[:, 0] + f - 1  # gen_positions[:, 0] = prompt length
+    return torch.where((target >= 0) & (f < s.t.shape[1]), target, -1)
+
+
+def _in_order(dec: Decoder, s: DecodeState, f: Tensor) -> Tensor:
+    """Whether prompt and generated tokens before ``f`` have non-decreasing orders ``[B]``."""
+    ctx, o = dec.context, s.order
+    ok = torch.ones_like(s.t, dtype=torch.bool)
+    ok[:, 1:] = o[:, 1:] >= o[:, :-1]
+    plen = ctx.gen_positions[:, 0]
+    if ctx.order.shape[1]:
+        last = torch.gather(ctx.order, 1, (plen - 1).clamp_min(0)[:, None])[:, 0]
+        ok[:, 0] = (plen == 0) | (o[:, 0] >= last)
+    ar = torch.arange(s.t.shape[1], device=s.t.device)
+    return (ok | (ar[None] >= f[:, None])).all(1)
+
+
+def _keep_next(s: DecodeState, logits: Tensor, pos: Tensor) -> DecodeState:
+    """Store the readout ``logits [B, V]`` of rows whose ``pos [B]`` is ``>= 0``."""
+    found = pos >= 0
+    if s.next_logits is not None:
+        logits = torch.where(found[:, None], logits, s.next_logits)
+        pos = torch.where(found, pos, s.next_pos)
+    return replace(s, next_logits=logits, next_pos=pos)
+
+
+def next_token_evaluation(dec: Decoder, s: DecodeState, ev: Evaluation) -> Evaluation:
+    """``ev`` with the next-token readout where it applies (theory §4d).
+
+    Per row, the first uncommitted token, when awake at ``t = 1`` after a prompt and committed
+    prefix in position order, gets the logits of its committed predecessor: its distribution if
+    it commits in one jump (what :func:`draw` samples and the policy sees). Moves keep the
+    token's own output.
+
+    Args:
+        dec: The decoder.
+        s: The state the evaluation was made at.
+        ev: The network's own evaluation of the awake tokens.
+
+    Returns:
+        The evaluation to commit from.
+    """
+    if s.next_logits is None:
+        return ev
+    f = _frontier(s)
+    ok = (s.next_pos >= 0) & (s.next_pos == _predecessor(dec, s)) & _in_order(dec, s, f)
+    at = (ev.index == f[:, None]) & ev.valid & ok[:, None]
+    at = at & (torch.gather(s.t, 1, ev.index) == 1)
+    if not bool(at.any()):
+        return ev
+    logits = torch.where(at[..., None], s.next_logits[:, None].to(ev.logits.dtype), ev.logits)
+    return replace(ev, logits=logits)
+
+
+def _full_forward(dec: Decoder, s: DecodeState, z, t, idx, valid) -> tuple[Tensor, ...]:
+    """Cache-less evaluation: the whole sequence with the view written in, read at the view.
+
+    Returns:
+        ``(logits [B, n, V], difficulty [B, n], next_logits [B, V], next_pos [B])``: the view's
+        outputs and the logits of the token before the frontier (``next_pos = -1``: none).
+    """
     ctx = dec.context
     rows = torch.arange(idx.shape[0], device=idx.device)[:, None].expand_as(idx)
     gz, gt = s.z.clone(), s.t.clone()
@@ -281,9 +403,13 @@ def _full_forward(dec: Decoder, s: DecodeState, z, t, idx, valid) -> tuple[Tenso
         torch.cat([ctx.order, s.order], 1),
         positions=torch.cat([ctx.positions, ctx.gen_positions], 1),
     )
-    gidx = idx + ctx.z.shape[1]
-    logits = torch.gather(out.logits, 1, gidx[..., None].expand(-1, -1, out.logits.shape[-1]))
-    return logits, torch.gather(out.difficulty, 1, gidx)
+    P, V = ctx.z.shape[1], out.logits.shape[-1]
+    gidx = idx + P
+    logits = torch.gather(out.logits, 1, gidx[..., None].expand(-1, -1, V))
+    f = _frontier(s)
+    at = torch.where(f > 0, P + f - 1, ctx.gen_positions[:, 0] - 1).clamp_min(0)
+    nxt = torch.gather(out.logits, 1, at[:, None, None].expand(-1, 1, V))[:, 0]
+    return logits, torch.gather(out.difficulty, 1, gidx), nxt, _predecessor(dec, s)
 
 
 def draw(dec: Decoder, s: DecodeState, ev: Evaluation, committing: Tensor) -> Tensor | None:
@@ -352,7 +478,7 @@ class _Stages:
 
 
 def commit(dec: Decoder, s: DecodeState, committing: Tensor, ids: Tensor) -> DecodeState:
-    """Commit tokens: ``z_i := e(x_i)``, ``t_i := 0``, order ``base + k + 1``.
+    """Commit tokens: ``z_i := e(x_i)``, ``t_i := 0``, order ``(k + 1) * base + position``.
 
     Args:
         dec: The decoder.
@@ -365,7 +491,9 @@ def commit(dec: Decoder, s: DecodeState, committing: Tensor, ids: Tensor) -> Dec
     """
     dtype = dec.dtype
     z = s.z.index_put(committing.nonzero(as_tuple=True), dec.net.embed(ids[committing]).to(dtype))
-    order = torch.where(committing, dec.context.base + s.k + 1, s.order)
+    order = torch.where(
+        committing, (s.k + 1) * dec.context.base + dec.context.gen_positions, s.order
+    )
     s = replace(
         s,
         z=z,

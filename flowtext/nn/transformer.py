@@ -14,7 +14,7 @@ Reading order of :meth:`FlowTransformer.forward`:
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
@@ -29,20 +29,44 @@ from flowtext.visibility import LIVE, check_times
 __all__ = ["FlowOutput", "FlowTransformer"]
 
 
-@dataclass
 class FlowOutput:
     """What the backbone predicts for every given token.
 
     Attributes:
-        logits: Clean-token logits ``[B, L, V]``: ``softmax`` gives ``p_theta(x_i | z, t)``.
-        difficulty: Progression-time head ``g_theta(z, t)`` ``[B, L]``, non-negative: the
-            predicted commit loss of each token (theory §3).
+        logits: Clean-token logits ``[B, L, V]``: ``softmax`` gives ``p_theta(x_i | z, t)``. For
+            a committed token the readout predicts the *next* token: its logits are the commit
+            distribution of token ``i + 1`` when that token jumps from ``t = 1`` to 0 after a
+            committed prefix in position order (theory §4d).
         hidden: Final features ``[B, L, d_model]`` that both heads read.
+        next_logits: In commit passes that ask for it (``readout=``), the logits ``[B, V]`` of
+            one committed token per row; otherwise ``None``.
+
+    Args:
+        logits: As the attribute.
+        difficulty: The difficulty ``[B, L]``, or a function computing it on first access.
+        hidden: As the attribute.
+        next_logits: As the attribute.
     """
 
-    logits: Tensor
-    difficulty: Tensor
-    hidden: Tensor | None = None
+    def __init__(
+        self,
+        logits: Tensor,
+        difficulty: Tensor | Callable[[], Tensor],
+        hidden: Tensor | None = None,
+        next_logits: Tensor | None = None,
+    ) -> None:
+        self.logits, self.hidden, self.next_logits = logits, hidden, next_logits
+        self._difficulty = difficulty
+
+    @property
+    def difficulty(self) -> Tensor:
+        """Progression-time head ``g_theta(z, t)`` ``[B, L]`` (non-negative, computed on first use).
+
+        The predicted commit loss of each token (theory §3).
+        """
+        if callable(self._difficulty):
+            self._difficulty = self._difficulty()
+        return self._difficulty
 
 
 def _describe(x: object) -> str:
@@ -204,6 +228,8 @@ class FlowTransformer(nn.Module):
         t: Tensor,
         o: Tensor,
         positions: Tensor,
+        *,
+        readout: Tensor | None = None,
     ) -> tuple[FlowOutput, KVCache]:
         """:meth:`commit` new tokens and evaluate queries against the result in one pass.
 
@@ -220,6 +246,10 @@ class FlowTransformer(nn.Module):
             t: Query times ``[B, m]``.
             o: Query orders ``[B, m]``.
             positions: Query positions ``[B, m]`` or ``[m]``.
+            readout: Optional ``[B]`` index of one committed token per row (``0..n-1``; ``-1``
+                = none, those rows get the first one's): its logits come back as
+                ``next_logits [B, V]``, the commit distribution of the token after it
+                (theory §4d). The pass computes its features anyway; only the readout is added.
 
         Returns:
             ``(FlowOutput of the m queries, cache extended by the n committed tokens)``.
@@ -229,11 +259,14 @@ class FlowTransformer(nn.Module):
             TimeRangeError: Commit orders above ``LIVE`` or not after the cached ones.
         """
         zc, oc, pc = committed
-        self._check(z, t, o, cache)
         self._check_commit_orders(cache, oc)
+        if not isinstance(t, Tensor) or t.ndim != 2:
+            raise ShapeError(f"t must be [B, m], got {_describe(t)}")
         n = zc.shape[1]
-        pc = self._positions(pc, *oc.shape, cache.length, oc.device)
-        positions = self._positions(positions, *t.shape, cache.length + n, t.device)
+        if pc.ndim == 1:
+            pc = pc.expand(oc.shape)
+        if positions.ndim == 1:
+            positions = positions.expand(t.shape)
         t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
         h, kv = self._trunk(
             torch.cat([zc, z], 1),
@@ -242,8 +275,13 @@ class FlowTransformer(nn.Module):
             torch.cat([pc, positions], 1),
             cache,
         )
+        # shapes, times and positions of both parts were checked on the concatenation
         cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc)
-        return self._heads(h[:, n:]), cache
+        out = self._heads(h[:, n:])
+        if readout is not None:
+            idx = readout.clamp_min(0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+            out.next_logits = self.readout(torch.gather(h[:, :n], 1, idx))[:, 0]
+        return out, cache
 
     def new_cache(
         self,
@@ -314,8 +352,10 @@ class FlowTransformer(nn.Module):
     # ------------------------------------------------------------------ internals
 
     def _heads(self, h: Tensor) -> FlowOutput:
-        feats = h.detach() if self.config.difficulty_detach else h
-        difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
+        def difficulty() -> Tensor:  # only when read: no cost where nothing trains or reads it
+            feats = h.detach() if self.config.difficulty_detach else h
+            return F.softplus(self.difficulty_head(feats)).squeeze(-1)
+
         return FlowOutput(logits=self.readout(h), difficulty=difficulty, hidden=h)
 
     @staticmethod
