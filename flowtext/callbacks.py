@@ -20,6 +20,8 @@ from rich.console import Console, Group
 from rich.panel import Panel
 from rich.text import Text
 
+from flowtext.lm import FlowLM
+
 __all__ = ["OptimizerOverrides", "ProgressBar", "SampleCallback", "SaveOnSigterm"]
 
 
@@ -55,8 +57,9 @@ class SampleCallback(L.Callback):
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
         if trainer.sanity_checking or not trainer.is_global_zero:
             return
-        tok = getattr(trainer.datamodule, "tokenizer", None)
-        if tok is None or not hasattr(pl_module, "generate"):
+        # Lightning sets trainer.datamodule at run time; the Trainer class does not declare it
+        tok = getattr(getattr(trainer, "datamodule", None), "tokenizer", None)
+        if tok is None or not isinstance(pl_module, FlowLM):
             return
         ids = tok.encode(self.prompt)
         room = pl_module.net.config.max_len - len(ids)

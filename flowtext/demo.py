@@ -102,7 +102,8 @@ def toy_report(
     grids = {label: p.grid(length, _steps(p, length, 2)) for label, p in DEMO_POLICIES.items()}
     plot_time_grids(grids, out / "time_grids.png", title=f"per-token time grids (L={length})")
     results: dict[str, list[tuple[int, float]]] = {}
-    ode = [n for n in solvers.names() if solvers.get(n).order is not None]
+    orders = {n: solvers.get(n).order for n in solvers.names()}
+    ode = {n: p for n, p in orders.items() if p is not None}  # deterministic: name -> order
     for label, pol in DEMO_POLICIES.items():
         for name in ode:
             rows = []
@@ -132,7 +133,7 @@ def toy_report(
         xlabel="global steps K",
         ylabel="max |mean/cov error|",
         title=f"Gaussian toy, {schedule} schedule",
-        slopes={f"synchronous/{n}": solvers.get(n).order for n in ode},
+        slopes={f"synchronous/{n}": p for n, p in ode.items()},
     )
     return results
 

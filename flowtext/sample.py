@@ -117,6 +117,7 @@ def _sample(args: argparse.Namespace) -> int:
         print(f"error: {' '.join(str(e).split())}", file=sys.stderr)  # one line, never wrapped
         return 2
     shown = args.prompt.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    assert res.text is not None  # _generate passes the checkpoint's tokenizer
     for b, text in enumerate(res.text):
         console.rule(f"sample {b}" + (" (interrupted)" if res.interrupted else ""))
         console.print(Text(shown, style="bold") + Text(text), highlight=False)

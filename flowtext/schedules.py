@@ -381,7 +381,10 @@ class InfoUniform(NoiseSchedule):
         self._raw, self._dens, self._cdf = dens, dens / cum[-1], cum / cum[-1]
 
     def _tables(self, like: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        return tuple(v.to(like.dtype).to(like.device) for v in (self._knots, self._cdf, self._dens))
+        knots, cdf, dens = (
+            v.to(like.dtype).to(like.device) for v in (self._knots, self._cdf, self._dens)
+        )
+        return knots, cdf, dens
 
     def _segment(self, sorted_: Tensor, v: Tensor) -> Tensor:
         j = torch.searchsorted(sorted_, v.detach().contiguous(), right=True) - 1

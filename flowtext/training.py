@@ -127,7 +127,8 @@ class AtomicCheckpointIO(TorchCheckpointIO):
 
 
 def _write_failure(path: Path, err: BaseException) -> str:
-    reason = os.strerror(err.errno) if getattr(err, "errno", None) else str(err).splitlines()[0]
+    code = getattr(err, "errno", None)
+    reason = os.strerror(code) if code else str(err).splitlines()[0]
     good = path if path.is_file() else latest_checkpoint(path.parent)
     kept = (
         f"the last good checkpoint {good} is intact"
@@ -321,8 +322,12 @@ class FlowCLI(LightningCLI):
 
     def _resolve_checkpoint(self) -> None:
         cfg = self.config_init[self.subcommand]
-        roots = [self.trainer.default_root_dir]
-        roots += [cb.dirpath for cb in self.trainer.checkpoint_callbacks if cb.dirpath]
+        roots: list[str | Path] = [self.trainer.default_root_dir]
+        roots += [
+            cb.dirpath
+            for cb in self.trainer.checkpoint_callbacks
+            if isinstance(cb, ModelCheckpoint) and cb.dirpath
+        ]
         if self.trainer.is_global_zero:
             for tmp in remove_orphaned_temporaries(*roots):
                 rank_zero_info(f"removed {tmp}, left by a write that was killed")
@@ -346,7 +351,8 @@ class FlowCLI(LightningCLI):
         # Lightning's default writer becomes the atomic one; a writer the user chose stays
         if type(trainer.strategy.checkpoint_io) is TorchCheckpointIO:
             trainer.strategy.checkpoint_io = AtomicCheckpointIO()
-        trainer.callbacks.extend([OptimizerOverrides(), SaveOnSigterm()])
+        # Lightning's CallbackConnector sets trainer.callbacks; Trainer does not declare it
+        trainer.callbacks.extend([OptimizerOverrides(), SaveOnSigterm()])  # type: ignore[attr-defined]
         if trainer.is_global_zero:
             for logger in trainer.loggers:
                 # a private field: the version is otherwise picked lazily, by listing folders

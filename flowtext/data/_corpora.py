@@ -65,7 +65,7 @@ def check_fractions(fractions: Sequence[float]) -> tuple[float, float, float]:
             f"split fractions must be three non-negative numbers (train, val, test) summing to "
             f"1, got {tuple(fractions)!r}"
         )
-    return fr  # type: ignore[return-value]
+    return fr
 
 
 def _unit(key: str) -> float:
@@ -321,7 +321,7 @@ class StdlibCorpus(_FileCorpus):
 
     def _files(self) -> list[Path]:
         skip = self._EXCLUDE if self.include_tests else self._EXCLUDE | self._TESTS
-        out = []
+        out: list[Path] = []
         for dirpath, dirnames, filenames in os.walk(self.root):
             dirnames[:] = sorted(d for d in dirnames if d not in skip)
             out.extend(Path(dirpath) / f for f in sorted(filenames) if f.endswith(".py"))

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import torch
@@ -65,7 +65,8 @@ class EpochSampler(DistributedSampler):
         if not 0 <= rank < num_replicas:
             raise ConfigError(f"rank must lie in [0, {num_replicas}), got {rank}")
         super().__init__(
-            range(int(num_samples)),
+            # only len() of the dataset is used; torch's stub asks for a Dataset
+            cast(Dataset, range(int(num_samples))),
             num_replicas=int(num_replicas),
             rank=int(rank),
             shuffle=False,
@@ -136,7 +137,11 @@ class ResumableLoader(DataLoader):
     them, so worker prefetching does not count. The sampler must be an :class:`EpochSampler`.
     """
 
-    def __iter__(self) -> Iterator[Any]:
+    sampler: EpochSampler
+    batch_size: int
+
+    # a counting generator over the base iterator (Lightning only iterates it)
+    def __iter__(self) -> Iterator[Any]:  # type: ignore[override]
         sampler = self.sampler
         batches = 0
 

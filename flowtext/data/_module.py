@@ -63,6 +63,10 @@ class FlowTextDataModule(L.LightningDataModule):
         DataError: Missing path, ``seq_len < 2``, or a task that does not fit ``seq_len``.
     """
 
+    # the training sampler, made on first use and kept (see _train_sampler)
+    _sampler: EpochSampler
+    _sampler_key: tuple[int, int, int, int]
+
     def __init__(
         self,
         corpus: str = "stdlib",
@@ -116,7 +120,7 @@ class FlowTextDataModule(L.LightningDataModule):
         self.source: Corpus | Task = _hf.hf_corpus_for(
             corpus, fractions=self.splits, **options
         ) or resolve_corpus(corpus, fractions=self.splits, pattern=pattern, **options)
-        if self.is_task:
+        if isinstance(self.source, Task):
             if tokenizer != "byte":
                 raise ConfigError(f"task {corpus!r} uses the byte tokenizer; set tokenizer='byte'")
             need = self.source.min_seq_len()
@@ -140,12 +144,18 @@ class FlowTextDataModule(L.LightningDataModule):
             if self.tokenizer_name == "byte":
                 self._tokenizer = ByteTokenizer()
             elif self.tokenizer_name == "char":
-                self._tokenizer = build_char_tokenizer(self.source, self.cache_dir, self.max_bytes)
+                self._tokenizer = build_char_tokenizer(self._corpus, self.cache_dir, self.max_bytes)
             else:
                 self._tokenizer = _hf.tokenizer_for(
-                    self.tokenizer_name, self.source, self.cache_dir, self.max_bytes
+                    self.tokenizer_name, self._corpus, self.cache_dir, self.max_bytes
                 )
         return self._tokenizer
+
+    @property
+    def _corpus(self) -> Corpus:
+        # the source of a non-byte tokenizer or of token files: never a task (__init__ checks)
+        assert not isinstance(self.source, Task)
+        return self.source
 
     @property
     def vocab_size(self) -> int:
@@ -166,17 +176,19 @@ class FlowTextDataModule(L.LightningDataModule):
                 self._prepare(split)
 
     def _prepare(self, split: str):  # noqa: ANN202
-        return prepare_tokens(self.source, self.tokenizer, split, self.cache_dir, self.max_bytes)
+        return prepare_tokens(self._corpus, self.tokenizer, split, self.cache_dir, self.max_bytes)
 
     def _dataset(self, split: str) -> TokenWindows | TaskDataset:
         train = split == "train"
         if self.splits[SPLITS.index(split)] == 0:
             raise DataError(f"split {split!r} has fraction 0; change `splits`")
-        if self.is_task:
+        if isinstance(self.source, Task):
             n = self.train_samples_per_epoch if train else (self.eval_samples or 512)
             return TaskDataset(self.source, self.tokenizer, split, self.seq_len, n, self.seed)
-        n = self.train_samples_per_epoch if train else self.eval_samples
-        return TokenWindows(self._prepare(split), self.seq_len, train, n, self.seed, self.tokenizer)
+        n_windows = self.train_samples_per_epoch if train else self.eval_samples
+        return TokenWindows(
+            self._prepare(split), self.seq_len, train, n_windows, self.seed, self.tokenizer
+        )
 
     def setup(self, stage: str | None = None) -> None:
         """Open the datasets a stage needs.
@@ -221,12 +233,11 @@ class FlowTextDataModule(L.LightningDataModule):
         world = int(getattr(trainer, "world_size", 1) or 1) if trainer is not None else 1
         rank = int(getattr(trainer, "global_rank", 0) or 0) if trainer is not None else 0
         key = (n, self.batch_size, world, rank)
-        if getattr(self, "_sampler", None) is None or self._sampler_key != key:
-            self._sampler = EpochSampler(
-                n, batch_size=self.batch_size, num_replicas=world, rank=rank
-            )
-            self._sampler_key = key
-        return self._sampler
+        sampler: EpochSampler | None = getattr(self, "_sampler", None)
+        if sampler is None or self._sampler_key != key:
+            sampler = EpochSampler(n, batch_size=self.batch_size, num_replicas=world, rank=rank)
+            self._sampler, self._sampler_key = sampler, key
+        return sampler
 
     def train_dataloader(self) -> DataLoader:
         """Random training windows, ``train_samples_per_epoch`` per epoch.

@@ -167,7 +167,7 @@ def _check_text(text: object) -> None:
 
 def _ids_array(ids: Iterable[int]) -> np.ndarray:
     if hasattr(ids, "detach"):  # torch tensor
-        ids = ids.detach().cpu().numpy()  # type: ignore[union-attr]
+        ids = ids.detach().cpu().numpy()
     arr = np.asarray(ids if hasattr(ids, "__len__") else list(ids), dtype=np.int64)
     return arr.reshape(-1)
 

@@ -144,9 +144,11 @@ def forward(q, k, v, s: TileSummaries, tiles: TileConfig | None, *, count_tiles:
     bsz, heads, lq, d = q.shape
     out = torch.empty((bsz, heads, lq, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((bsz * heads, lq), dtype=torch.float32, device=q.device)
-    if count_tiles and tiles is None:
-        raise ConfigError("count_tiles needs a fixed TileConfig")
-    n_count = bsz * heads * -(-lq // tiles.block_m) * 2 if count_tiles else 1
+    n_count = 1
+    if count_tiles:
+        if tiles is None:
+            raise ConfigError("count_tiles needs a fixed TileConfig")
+        n_count = bsz * heads * -(-lq // tiles.block_m) * 2
     count = torch.zeros(n_count, dtype=torch.int32, device=q.device)
     sizes, keys = _scalars(q, k, s, tiles)
     args = (
