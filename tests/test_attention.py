@@ -6,7 +6,14 @@ import torch.nn.functional as F
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from flowtext.attention import LIVE, all_visible, sdpa_attention, visibility_mask
+from flowtext.attention import (
+    LIVE,
+    all_visible,
+    sdpa_attention,
+    two_stream_layout,
+    visibility_mask,
+)
+from flowtext.attention.reference import is_causal
 from flowtext.errors import ShapeError
 
 
@@ -70,3 +77,49 @@ def test_fast_path_keeps_shape_errors():
         all_visible(t, o[:, :3], t, o)
     with pytest.raises(ShapeError):
         sdpa_attention(*(torch.zeros(1, 1, 4, 8) for _ in range(3)), t, o, t[:, :3], o)
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    n=st.integers(1, 10),
+    kind=st.sampled_from(["increasing", "ties", "live", "shuffled"]),
+)
+def test_causal_fast_path_is_exact_and_never_fires_wrongly(seed, b, n, kind):
+    """``is_causal`` holds iff committed orders strictly increase; then the mask is ``tril``."""
+    gen = torch.Generator().manual_seed(seed)
+    o = torch.randint(1, 4, (b, n), generator=gen).cumsum(1)
+    t = torch.zeros(b, n)
+    if kind == "ties" and n > 1:
+        o[:, 1] = o[:, 0]
+    if kind == "live":
+        t[:, -1] = 0.5
+    if kind == "shuffled" and n > 1:
+        o = o[:, torch.randperm(n, generator=gen)]
+    mask = visibility_mask(t, o, t, o)
+    tril = torch.ones(n, n, dtype=torch.bool).tril().expand(b, n, n)
+    fast = is_causal(t, o, t, o)
+    if fast:
+        assert torch.equal(mask, tril)
+    if kind == "increasing":
+        assert fast
+    elif n > 1 and not (kind == "shuffled" and bool((o[:, 1:] > o[:, :-1]).all())):
+        assert not fast
+    q, k, v = (torch.randn(b, 2, n, 8, generator=gen, dtype=torch.float64) for _ in range(3))
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    torch.testing.assert_close(sdpa_attention(q, k, v, t, o, t, o), ref)
+
+
+@pytest.mark.parametrize("block", [1, 2, 3, 8])
+def test_two_stream_clean_stream_is_causal_and_noisy_blocks_see_earlier_blocks(block):
+    n = 7
+    ids = (torch.arange(n) // block)[None]
+    t, o = two_stream_layout(ids, torch.full((1, n), 0.5))
+    mask = visibility_mask(t, o, t, o)[0]
+    assert torch.equal(mask[:n, :n], torch.ones(n, n, dtype=torch.bool).tril())
+    assert not bool(mask[:n, n:].any())  # clean queries never see noisy keys
+    same_block = ids[0][:, None] == ids[0][None, :]
+    earlier = ids[0][:, None] > ids[0][None, :]
+    assert torch.equal(mask[n:, :n], earlier)
+    assert torch.equal(mask[n:, n:], same_block)

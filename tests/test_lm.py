@@ -1,5 +1,6 @@
 """The Lightning modules: one code path, three configurations, regimes validated."""
 
+import dataclasses
 import inspect
 import math
 
@@ -11,7 +12,13 @@ from flowtext import policies
 from flowtext.errors import ConfigError
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
-from flowtext.objectives import single_stream_loss, two_stream_loss, with_t_min
+from flowtext.objectives import (
+    autoregressive_loss,
+    discrete_elbo,
+    single_stream_loss,
+    two_stream_loss,
+    with_t_min,
+)
 from flowtext.regime import TrainingRegime
 
 TINY = dict(
@@ -50,6 +57,7 @@ def test_training_and_validation_steps_run(cls):
     for _ in range(8):  # several draws of the regime mixture
         loss, logs = model.training_loss(tokens)
         assert torch.isfinite(loss) and loss.ndim == 0
+        assert ("train/ar_bpt" in logs) == (cls is not flowtext.DiffusionLM)
         loss.backward()
     trained = [
         (n, p)
@@ -60,20 +68,63 @@ def test_training_and_validation_steps_run(cls):
     logged = {}
     model.log = lambda name, value, **kw: logged.__setitem__(name, value)
     model.validation_step({"tokens": tokens}, 0)
-    assert set(logged) == {"val/bpb_ar", "val/bpb_block4", "val/bpb_sync"}
+    trained = {  # ar always (the checkpoint monitor), then what the regime trains on
+        flowtext.Evo: {"ar", "block4", "sync"},
+        flowtext.AutoregressiveLM: {"ar"},
+        flowtext.DiffusionLM: {"ar", "sync"},
+    }[cls]
+    assert set(logged) == {f"val/bpb_{name}" for name in trained}
     assert all(torch.isfinite(v) and v > 0 for v in logged.values())
 
 
 def test_ar_module_trains_exactly_the_ar_likelihood():
-    """With block size 1 and one jump the training ELBO is the teacher-forced NLL."""
-    from flowtext.objectives import two_stream_loss
-
+    """The AR module's one causal stream is the exact AR bound of the same network (float64)."""
     torch.manual_seed(0)
     model = flowtext.AutoregressiveLM(net=FlowTransformerConfig(**TINY)).double()
+    with torch.no_grad():
+        for p in model.parameters():  # non-trivial conditioning: zero gates would hide bugs
+            p.add_(0.05 * torch.randn_like(p))
     tokens = torch.randint(0, 13, (2, 9))
-    loss, _ = model.training_loss(tokens)
-    ref = two_stream_loss(model.net, tokens, model.schedule, block_size=1).nats.mean()
-    torch.testing.assert_close(loss, ref)
+    loss, logs = model.training_loss(tokens)
+    grid = policies.get("autoregressive").grid(9, 9, dtype=torch.float64)
+    exact = discrete_elbo(model.net, tokens, grid, model.schedule).mean()
+    torch.testing.assert_close(loss, exact, rtol=1e-10, atol=1e-10)
+    noisy = two_stream_loss(model.net, tokens, model.schedule, block_size=1).nats.mean()
+    torch.testing.assert_close(noisy, exact, rtol=1e-10, atol=1e-10)
+    assert float(logs["train/ar_bpt"]) == pytest.approx(
+        float(exact.detach()) / math.log(2), rel=1e-12
+    )
+    calls = []
+    model.net.register_forward_hook(lambda m, a, out: calls.append(tuple(a[0].shape)))
+    model.training_loss(tokens)
+    assert sorted(calls) == [(1, 1, 8), (2, 9, 8)]  # one stream of L tokens + the null query
+
+
+@pytest.mark.parametrize("w", [1.0, 0.5])
+def test_evo_loss_contains_the_ar_term_on_every_batch(w):
+    """Whatever bound is drawn, the loss adds ``w`` times the exact AR bound of the batch."""
+    torch.manual_seed(0)
+    regime = dataclasses.replace(TrainingRegime.evo(), ar_weight=w, steps_per_block=4)
+    model = flowtext.Evo(net=FlowTransformerConfig(**TINY), regime=regime).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    tokens = torch.randint(0, 13, (4, 12))
+    with torch.no_grad():
+        ar = autoregressive_loss(model.net, tokens, model.schedule).nats.mean()
+    seen = set()
+    for seed in range(40):
+        gen = torch.Generator().manual_seed(seed)
+        label = regime.draw(12, torch.Generator().manual_seed(seed)).label
+        loss, logs = model.training_loss(tokens, regime_generator=gen)
+        seen.add(label)
+        assert float(logs["train/ar_bpt"]) == pytest.approx(float(ar) / math.log(2), rel=1e-10)
+        rest = logs["train/elbo_bpt"] * math.log(2) + 0.1 * logs["train/difficulty_mse"]
+        torch.testing.assert_close(loss - rest, w * ar, rtol=1e-9, atol=1e-9)
+        # the AR term reaches the readout through the clean (committed) stream on every draw
+        grad = torch.autograd.grad(loss - rest, model.net.readout.weight)[0]
+        assert float(grad.abs().sum()) > 0
+    assert seen == set(regime.probabilities())
 
 
 @pytest.mark.parametrize(
@@ -88,6 +139,7 @@ def test_ar_module_trains_exactly_the_ar_likelihood():
         (dict(single_stream_fraction=0.5, diagonal_widths=(0.0,)), "diagonal_widths"),
         (dict(single_stream_fraction=0.5, diagonal_steps=0), "diagonal_steps"),
         (dict(difficulty_weight=-1.0), "difficulty_weight"),
+        (dict(ar_weight=float("nan")), "ar_weight"),
         (dict(step_sampling="sobol"), "step_sampling"),
     ],
 )
@@ -191,8 +243,20 @@ def test_policy_bound_refuses_what_it_cannot_estimate():
         model.policy_bound(tokens, "adaptive", steps=12)
 
 
+def test_val_policies_choose_the_validation_bounds():
+    model = FlowLM(net=FlowTransformerConfig(**TINY), val_policies=["sync"])
+    assert list(model.validation_bounds(12)) == ["sync"]
+    with pytest.raises(ConfigError, match="val_policies"):
+        FlowLM(net=FlowTransformerConfig(**TINY), val_policies=["diagonal"])
+
+
 def test_validation_scores_the_policies_with_policy_bound():
-    model = FlowLM(net=FlowTransformerConfig(**TINY), val_block_size=4, val_steps_per_block=4)
+    model = FlowLM(
+        net=FlowTransformerConfig(**TINY),
+        val_block_size=4,
+        val_steps_per_block=4,
+        val_policies=["ar", "block", "sync"],
+    )
     tokens = torch.randint(0, 13, (2, 12))
     logged = {}
     model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))

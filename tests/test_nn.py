@@ -179,13 +179,15 @@ def test_two_stream_equals_sequential_blocks(seed, b, n, block):
     t2, o2 = two_stream_layout(block_ids, t_noisy)
     out2 = MODEL(torch.cat([clean, noisy], 1), t2, o2, positions=torch.arange(n).repeat(2))
 
-    all_clean = MODEL(clean, torch.zeros(b, n, dtype=torch.float64), block_ids)
+    pos = torch.arange(n).expand(b, n)
+    commit_order = block_ids * n + pos  # (step, position): blocks commit in turn, causal inside
+    all_clean = MODEL(clean, torch.zeros(b, n, dtype=torch.float64), commit_order)
     torch.testing.assert_close(out2.logits[:, :n], all_clean.logits, atol=ATOL, rtol=0)
     for k in range(n_blocks):
         before, here = block_ids < k, block_ids == k
         z = torch.where(before[..., None], clean, noisy)
         t = torch.where(before, 0.0, torch.where(here, t_noisy, 1.0))
-        o = torch.where(before, block_ids, LIVE)
+        o = torch.where(before, commit_order, LIVE)
         seq = MODEL(z, t, o)
         torch.testing.assert_close(out2.logits[:, n:][here], seq.logits[here], atol=ATOL, rtol=0)
         torch.testing.assert_close(
