@@ -67,7 +67,7 @@ def ar_loop(net, tokens):
     return out
 
 
-def causal_stream_ce(net, tokens):
+def teacher_forced_ce(net, tokens):
     """Teacher-forced CE of one causal stream (a plain GPT's loss) plus the null query."""
     b, n = tokens.shape
     x = net.embed(tokens)
@@ -89,7 +89,7 @@ def test_t4_elbo_under_autoregressive_is_teacher_forced_ce(seed, length, batch):
     net = tiny_net(seed)
     tokens = torch.randint(0, 11, (batch, length), generator=torch.Generator().manual_seed(seed))
     with torch.no_grad():
-        ref = causal_stream_ce(net, tokens)
+        ref = teacher_forced_ce(net, tokens)
         loop = ar_loop(net, tokens)
         grid = policies.get("autoregressive").grid(length, length, dtype=torch.float64)
         sequential = discrete_elbo(net, tokens, grid, net_schedule := schedules.get("cosine"))
