@@ -375,8 +375,11 @@ def test_tile_classes_exact_on_sorted_layouts(tiles):
         got = K.tile_summaries(*args).classes(tiles.block_m, tiles.block_n)
         ideal = ideal_classes(visibility_mask(*args), tiles.block_m, tiles.block_n)
         assert torch.equal(got, ideal), name
-        if name in ("dense", "causal", "two-stream", "decode"):
-            assert (got == 2).any(), name  # the fast path is exercised
+        # the fast path is exercised (the token-causal clean stream of the two-stream layout
+        # leaves fully visible tiles only at the tile size of its 16-token blocks)
+        square16 = tiles.block_m == tiles.block_n == 16
+        if name in ("dense", "causal", "decode") or (name == "two-stream" and square16):
+            assert (got == 2).any(), name
 
 
 @settings(max_examples=N_EXAMPLES * 3 // 5, deadline=None)
