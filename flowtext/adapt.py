@@ -22,13 +22,15 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
+import lightning as L
 import torch
 from lightning.pytorch.cli import OptimizerCallable
 
+from flowtext.data import FlowTextDataModule
 from flowtext.data._hf import load_tokenizer_json
 from flowtext.errors import ConfigError, FlowtextError
 from flowtext.lm import FlowLM
-from flowtext.nn import FlowTransformerConfig
+from flowtext.nn import FlowNetwork, FlowTransformerConfig
 from flowtext.nn.hf_backbone import AdapterConfig, PretrainedBackbone
 from flowtext.regime import TrainingRegime
 
@@ -62,6 +64,8 @@ class AdaptedLM(FlowLM):
         regime: What to train on (default: Evo's mixture).
         val_block_size: Block size of the ``block`` validation bound.
         val_steps_per_block: Steps per block of the validation bounds.
+        val_policies: Validation bounds among ``ar``, ``block`` and ``sync`` (``None``: as
+            :class:`~flowtext.lm.FlowLM` chooses for the regime).
         bytes_per_token: Mean UTF-8 bytes per token, for bits per byte.
         optimizer: Optimizer factory.
         warmup_steps: Linear warm-up steps.
@@ -84,6 +88,7 @@ class AdaptedLM(FlowLM):
         regime: TrainingRegime | dict | None = None,
         val_block_size: int = 8,
         val_steps_per_block: int = 32,
+        val_policies: list[str] | None = None,
         bytes_per_token: float = 1.0,
         optimizer: OptimizerCallable = torch.optim.AdamW,
         warmup_steps: int = 100,
@@ -91,6 +96,8 @@ class AdaptedLM(FlowLM):
         seed: int = 0,
     ) -> None:
         net = _backbone(pretrained, backbone, adapter, dtype)
+        if isinstance(regime, dict):  # from a checkpoint's hyper-parameters
+            regime = TrainingRegime(**regime)
         stand_in = FlowTransformerConfig(  # FlowLM builds a FlowTransformer: make it tiny
             vocab_size=net.config.vocab_size, max_len=net.config.max_len, d_model=4, n_layers=1,
             n_heads=2, d_embed=2, cond_dim=2, cond_rank=1, mlp_ratio=1.0,
@@ -102,6 +109,7 @@ class AdaptedLM(FlowLM):
             regime=regime if regime is not None else TrainingRegime.evo(),
             val_block_size=val_block_size,
             val_steps_per_block=val_steps_per_block,
+            val_policies=val_policies,
             bytes_per_token=bytes_per_token,
             optimizer=optimizer,
             warmup_steps=warmup_steps,
@@ -150,9 +158,7 @@ def _backbone(
     return net.to(_DTYPES[dtype])
 
 
-def check_tokenizer(
-    tokenizer: Any, net: PretrainedBackbone, model_dir: str | Path | None = None
-) -> None:
+def check_tokenizer(tokenizer: Any, net: FlowNetwork, model_dir: str | Path | None = None) -> None:
     """Raise unless ``tokenizer`` fits the pretrained model's vocabulary.
 
     A tokenizer may have fewer ids than the model's output layer (models pad their vocabulary
@@ -168,8 +174,10 @@ def check_tokenizer(
             f"the tokenizer has {ours} ids but the pretrained model's vocabulary has {theirs}: "
             "they disagree; use the model's own tokenizer.json (--tokenizer MODEL_DIR)"
         )
-    own = Path(model_dir) / "tokenizer.json" if model_dir is not None else None
-    if own is None or not own.is_file():
+    if model_dir is None:
+        return
+    own = Path(model_dir) / "tokenizer.json"
+    if not own.is_file():
         return
     backend = getattr(tokenizer, "backend", None)
     mine = backend.get_vocab(with_added_tokens=True) if backend is not None else None
@@ -250,10 +258,6 @@ def adapt_main(argv: Sequence[str]) -> int:
 
 
 def _run_adapt(args: argparse.Namespace) -> dict[str, Any]:
-    import lightning as L
-
-    from flowtext.data import FlowTextDataModule
-
     options = {"text_field": args.text_field} if args.text_field else None
     dm = FlowTextDataModule(
         args.corpus, tokenizer=args.tokenizer or args.model, seq_len=args.seq_len,

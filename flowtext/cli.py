@@ -11,17 +11,21 @@ import argparse
 import sys
 from collections.abc import Sequence
 
+from rich.console import Console
+from rich.table import Table
+
+from flowtext.errors import FlowtextError
+
+# Each command imports its own stack when run (torch, matplotlib, Lightning, transformers), so
+# `flowtext` starts fast and a command never loads another's optional dependencies.
+
 __all__ = ["main"]
 
 LIGHTNING_COMMANDS = ("fit", "validate", "test", "predict")
 
 
 def _demo(argv: Sequence[str]) -> int:
-    from rich.console import Console
-    from rich.table import Table
-
-    from flowtext.demo import observed_orders, toy_report
-    from flowtext.errors import FlowtextError
+    from flowtext.demo import observed_orders, toy_report  # torch and matplotlib
 
     parser = argparse.ArgumentParser(prog="flowtext demo", description=__doc__)
     parser.add_argument("--out", default="outputs/demo", help="output folder")
@@ -58,10 +62,10 @@ SIGTERM_EXIT = 128 + 15
 
 
 def _lightning(argv: Sequence[str] | None) -> int:
+    # the training stack (Lightning, jsonargparse, torch)
     from lightning.fabric.utilities.exceptions import MisconfigurationException
     from lightning.pytorch.utilities.exceptions import SIGTERMException
 
-    from flowtext.errors import FlowtextError
     from flowtext.training import cli_main
 
     try:
@@ -95,11 +99,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     if argv and argv[0] == "demo":
         return _demo(argv[1:])
     if argv and argv[0] == "run":
-        from flowtext.run import run_main
+        from flowtext.run import run_main  # the training stack
 
         return run_main(argv[1:])
     if argv and argv[0] == "sample":
-        from flowtext.sample import sample_main
+        from flowtext.sample import sample_main  # torch and the checkpoint reader
 
         return sample_main(argv[1:])
     if argv and argv[0] in ("adapt", "export"):

@@ -20,9 +20,15 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning.pytorch.utilities.exceptions import SIGTERMException
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
+
+from flowtext.decoding.plots import plot_maturity, plot_policy_comparison
+from flowtext.demo import observed_orders, toy_report
+from flowtext.errors import ConfigError, FlowtextError
+from flowtext.training import cli_main
 
 __all__ = ["DECODE_POLICIES", "decode_report", "run_main"]
 
@@ -54,8 +60,6 @@ def decode_report(
     Returns:
         One dict per policy: label, text, network evaluations, tokens per evaluation, tokens/s.
     """
-    from flowtext.decoding import plot_maturity, plot_policy_comparison
-
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ids = tokenizer.encode(prompt)
@@ -108,10 +112,6 @@ def run_main(argv: Sequence[str] | None = None) -> int:
         Exit code: 0, 2 on bad input (one line naming the fix, before training where it can
         be known then, e.g. a prompt longer than the model's context), 143 after SIGTERM.
     """
-    from lightning.pytorch.utilities.exceptions import SIGTERMException
-
-    from flowtext.errors import FlowtextError
-
     parser = argparse.ArgumentParser(
         prog="flowtext run",
         description=__doc__,
@@ -139,9 +139,6 @@ def run_main(argv: Sequence[str] | None = None) -> int:
 
 def _build(args: argparse.Namespace, overrides: list[str], out: Path):  # noqa: ANN202
     """Build the training CLI and check the final prompt against the model, before any work."""
-    from flowtext.errors import ConfigError
-    from flowtext.training import cli_main
-
     cli = cli_main(
         ["--config", args.config, f"--trainer.default_root_dir={out / 'train'}", *overrides],
         run=False,
@@ -160,8 +157,6 @@ def _run(args: argparse.Namespace, overrides: list[str], console: Console) -> No
     t0 = time.perf_counter()
     cli = _build(args, overrides, out)  # config, corpus and prompt errors surface here
     console.rule("1/3 component library: the exact Gaussian toy")
-    from flowtext.demo import observed_orders, toy_report
-
     orders = observed_orders(toy_report(out / "toy", length=6, multipliers=(1, 2, 4, 8)))
     console.print(
         "observed orders (synchronous): "

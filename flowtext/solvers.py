@@ -11,6 +11,9 @@ on the grid.
 * ``euler``, ``midpoint``, ``heun``, ``rk4``: explicit Runge–Kutta tableaux with an ``order``.
 * ``ancestral``: samples the Gaussian posterior ``q(z_{t'} | z_t, x = x_hat)``, the generative
   step whose ELBO is the one of theory §4.
+* ``ancestral-mixture``: draws a token ``v ~ p(. | z_t)`` per moving token, then samples
+  ``q(z_{t'} | z_t, e_v)`` (theory §4b, :func:`flowtext.mixture.mixture_step`); reaching
+  ``t' = 0`` commits ``v``. It needs a categorical field (logits and embedding table).
 * ``torchdiffeq``: hands the whole grid to :func:`torchdiffeq.odeint` (any of its methods,
   adaptive ``dopri5`` included) when all tokens share one clock.
 
@@ -38,10 +41,12 @@ from flowtext import schedules as _schedules
 from flowtext._registry import Registry
 from flowtext.errors import ConfigError, ShapeError
 from flowtext.flow import Denoiser, Field, FlowResult, Prediction, check_grid, velocity
+from flowtext.mixture import mixture_step
 from flowtext.schedules import NoiseSchedule
 
 __all__ = [
     "Ancestral",
+    "AncestralMixture",
     "Euler",
     "GeneratorNoise",
     "Heun",
@@ -107,12 +112,15 @@ class Solver(ABC):
         stochastic: Whether :meth:`step` draws from its noise source.
         per_token: Whether :meth:`step` takes any per-token times (the decoder needs this);
             ``False`` for solvers that need all tokens on one clock.
+        categorical: Whether :meth:`step` needs a categorical field (a
+            :class:`~flowtext.flow.Prediction` with logits and table), not only ``x0_hat``.
     """
 
     name: ClassVar[str]
     order: ClassVar[int | None] = None
     stochastic: ClassVar[bool] = False
     per_token: ClassVar[bool] = True
+    categorical: ClassVar[bool] = False
 
     @abstractmethod
     def step(
@@ -319,6 +327,52 @@ class Ancestral(Solver):
         return _freeze(z, mean + self.eta * std * eps, t_next - t_now)
 
 
+@register("ancestral-mixture")
+@dataclass(frozen=True)
+class AncestralMixture(Solver):
+    """The mixture reverse step as a sampler: ``v ~ p(. | z_t)``, then ``z_s ~ q(z_s | z_t, e_v)``.
+
+    Tokens and normal noise are drawn from the step's :class:`NoiseSource` at the moving tokens
+    only; a token stepping to ``s = 0`` becomes ``e_v`` exactly (it commits to ``v``). In the
+    decoder, tokens that commit are drawn by the decoder itself from the same readout, so under
+    ``autoregressive`` (every token jumps from 1 to 0) decoding is plain AR sampling.
+
+    Args:
+        temperature: Of the token draw (``0``: argmax, then a Gaussian posterior step).
+
+    Raises:
+        ConfigError: A negative temperature, or (from :meth:`step`) a field without logits.
+    """
+
+    temperature: float = 1.0
+    stochastic: ClassVar[bool] = True
+    categorical: ClassVar[bool] = True
+
+    def __post_init__(self) -> None:
+        if not (0 <= self.temperature < float("inf")):
+            raise ConfigError(f"temperature must be a finite number >= 0, got {self.temperature}")
+
+    def step(self, field, z, t_now, t_next, *, noise=None, start=None):  # noqa: D102
+        pred = start if start is not None else field.predict(z, t_now)
+        if pred.logits is None or pred.table is None:
+            raise ConfigError(
+                "the ancestral-mixture solver draws tokens: it needs a categorical field "
+                "(Field.categorical, a predictor returning logits and the embedding table)"
+            )
+        noise = GeneratorNoise() if noise is None else noise
+        moving = t_next < t_now
+        logits = pred.logits.to(torch.float64)
+        if self.temperature == 0:
+            v = logits.argmax(-1)
+        else:
+            v = noise.categorical(torch.softmax(logits / self.temperature, -1), moving)
+        xi = noise.normal(z, moving)
+        z_new, _ = mixture_step(
+            z, pred.logits, pred.table, t_now, t_next, field.schedule, tokens=v, xi=xi
+        )
+        return _freeze(z, z_new, t_next - t_now)
+
+
 ADAPTIVE_METHODS = ("dopri5", "dopri8", "bosh3", "fehlberg2", "adaptive_heun")
 MAX_ADAPTIVE_STEPS = 1000
 """Default ``max_num_steps`` of torchdiffeq's adaptive methods (override through ``options``)."""
@@ -352,7 +406,7 @@ class TorchDiffEq(Solver):
     options: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        from torchdiffeq._impl.odeint import SOLVERS
+        from torchdiffeq._impl.odeint import SOLVERS  # torchdiffeq (+ scipy): seconds to import
 
         if not isinstance(self.method, str) or self.method not in SOLVERS:
             raise ConfigError(
@@ -381,7 +435,7 @@ class TorchDiffEq(Solver):
         return clock[:, 0]
 
     def _odeint(self, field: Field, z: Tensor, clock: Tensor) -> Tensor:
-        from torchdiffeq import odeint
+        from torchdiffeq import odeint  # only for this solver: a slow import
 
         keep = torch.ones_like(clock, dtype=torch.bool)
         keep[1:] = clock[1:] < clock[:-1]

@@ -17,7 +17,9 @@ on its own; ``bytes_per_token`` is the mean UTF-8 bytes per token on the corpus'
 
 from __future__ import annotations
 
+import gzip
 import hashlib
+import importlib
 import json
 import os
 from collections.abc import Iterable, Iterator, Sequence
@@ -59,8 +61,6 @@ def require(module: str) -> Any:
     Args:
         module: ``"tokenizers"``, ``"datasets"``, ``"transformers"``, ``"safetensors"`` ...
     """
-    import importlib
-
     try:
         return importlib.import_module(module)
     except ImportError as err:
@@ -179,7 +179,7 @@ def _token_bytes(tok: Any, vocab: int, specials: Sequence[int]) -> np.ndarray:
 
 
 def _byte_level_map() -> set[str]:
-    from tokenizers.pre_tokenizers import ByteLevel
+    from tokenizers.pre_tokenizers import ByteLevel  # the optional hf extra
 
     return set(ByteLevel.alphabet())
 
@@ -515,7 +515,7 @@ class HFCorpus(Corpus):
     def _bar(self, rows: Iterator[str], total: int, desc: str) -> Iterable[str]:
         if self.progress is False:
             return rows
-        from tqdm.auto import tqdm
+        from tqdm.auto import tqdm  # comes with the optional hf extra
 
         disable = None if self.progress is None else False
         return tqdm(rows, total=total, desc=desc, unit=" docs", disable=disable, leave=False)
@@ -535,8 +535,6 @@ def _count_lines(path: Path) -> int:
 
 def _open_text(path: Path) -> Any:
     if path.name.lower().endswith(".gz"):
-        import gzip
-
         return gzip.open(path, "rt", encoding="utf-8")
     return open(path, encoding="utf-8")
 

@@ -183,7 +183,7 @@ class _Pass:
 
 
 def _visibility_attention(
-    module: nn.Module,
+    module: Any,  # a transformers attention module (its layer_idx is a plain int)
     query: Tensor,
     key: Tensor,
     value: Tensor,
@@ -370,16 +370,19 @@ class PretrainedBackbone(nn.Module):
         table = self.lm.get_input_embeddings().weight.detach().float()
         gen = torch.Generator().manual_seed(self.adapter.seed)
         proj = torch.randn(table.shape[1], self.adapter.d_embed, generator=gen)
+        last = self.difficulty_head[-1]
+        assert isinstance(last, nn.Linear)  # the head's output layer
         with torch.no_grad():
             self.embedding.copy_(table[: self.config.vocab_size] @ proj)
             start = _first_id(self.lm.config.bos_token_id)
             start = start if start is not None else _first_id(self.lm.config.eos_token_id)
             ok = start is not None and 0 <= start < table.shape[0]
             self.null.copy_(table[start] if ok else table.mean(0))
-            for layer in (self.in_proj, self.time_in, self.difficulty_head[-1]):
+            for layer in (self.in_proj, self.time_in, last):
                 nn.init.zeros_(layer.weight)
                 nn.init.zeros_(layer.bias)
             for shift in self.time_shift:
+                assert isinstance(shift, LowRankModulation)  # built so in __init__
                 shift.reset_parameters()
 
     def _layers(self) -> nn.ModuleList:
@@ -476,7 +479,8 @@ class PretrainedBackbone(nn.Module):
             return cache
         t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
         _, kv, ids = self._trunk(z, t, o, positions, cache)
-        pos = self._positions(positions, *o.shape, cache.length, o.device)
+        b, n = o.shape
+        pos = self._positions(positions, b, n, cache.length, o.device)
         return cache.append(kv, o, pos, ids)
 
     def commit_forward(
@@ -487,8 +491,21 @@ class PretrainedBackbone(nn.Module):
         t: Tensor,
         o: Tensor,
         positions: Tensor,
+        *,
+        readout: Tensor | None = None,
     ) -> tuple[FlowOutput, PretrainedCache]:
         """:meth:`commit` then :meth:`forward` in one pass (committed tokens never see queries).
+
+        Args:
+            cache: Current cache (unchanged).
+            committed: ``(z_c [B, n, d_embed], o_c [B, n], positions_c [B, n])``.
+            z: Query latents ``[B, m, d_embed]``.
+            t: Query times ``[B, m]``.
+            o: Query orders ``[B, m]``.
+            positions: Query positions ``[B, m]``.
+            readout: Optional ``[B]`` index of one committed token per row (``-1``: none, those
+                rows get the first one's): its logits, the pretrained next-token logits at its
+                position, come back as ``next_logits [B, V]``.
 
         Returns:
             ``(FlowOutput of the queries, cache extended by the committed tokens)``.
@@ -504,7 +521,11 @@ class PretrainedBackbone(nn.Module):
             cache,
         )
         cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc, ids[:, :n])
-        return self._heads(h[:, n:]), cache
+        out = self._heads(h[:, n:])
+        if readout is not None:
+            idx = readout.clamp_min(0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
+            out.next_logits = self.lm.get_output_embeddings()(torch.gather(h[:, :n], 1, idx))[:, 0]
+        return out, cache
 
     # ------------------------------------------------------------------ internals
 
