@@ -35,7 +35,7 @@ class Registry(Generic[T]):
             if name in self._classes:
                 raise ConfigError(f"{self.family} {name!r} is already registered")
             self._classes[name] = cls
-            cls.name = name  # type: ignore[attr-defined]
+            cls.name = name  # type: ignore[attr-defined]  # T may not declare name; now it has one
             return cls
 
         return deco

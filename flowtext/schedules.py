@@ -254,6 +254,7 @@ class Shifted(NoiseSchedule):
         if not math.isfinite(self.shift):
             raise ConfigError(f"shift must be finite, got {self.shift}")
 
+    # a property (the base schedule's exponents) where NoiseSchedule declares a ClassVar
     @property
     def log_snr_exponents(self) -> tuple[float, float]:  # type: ignore[override]
         """Same singularity strengths as the base schedule."""
@@ -363,6 +364,7 @@ class InfoUniform(NoiseSchedule):
     def __repr__(self) -> str:
         return f"InfoUniform(base={self.base!r}, n_bins={self.n_bins}, frozen={self.frozen})"
 
+    # a property (the base schedule's exponents) where NoiseSchedule declares a ClassVar
     @property
     def log_snr_exponents(self) -> tuple[float, float]:  # type: ignore[override]
         """Same singularity strengths as the base (``w'`` is finite and positive at the ends)."""

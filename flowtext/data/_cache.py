@@ -189,7 +189,7 @@ def prepare_tokens(
 
 def open_tokens(
     path: str | os.PathLike[str], tokenizer: Tokenizer | None = None
-) -> tuple[np.memmap, dict[str, Any]]:
+) -> tuple[np.ndarray, dict[str, Any]]:
     """Open a prepared token file read-only.
 
     Args:
@@ -197,7 +197,8 @@ def open_tokens(
         tokenizer: If given, checked against the tokenizer the file was made with.
 
     Returns:
-        ``(tokens, meta)``: a read-only ``uint16`` memmap ``[n_tokens]`` and the meta dict.
+        ``(tokens, meta)``: a read-only ``uint16`` memmap ``[n_tokens]`` (an empty array for
+        an empty file, which cannot be mapped) and the meta dict.
 
     Raises:
         DataError: Missing or incomplete file, or a tokenizer mismatch.
@@ -212,7 +213,7 @@ def open_tokens(
     if tokenizer is not None:
         tokenizer.check_state(meta["tokenizer"])
     if meta["n_tokens"] == 0:
-        return np.zeros(0, dtype=DTYPE), meta  # type: ignore[return-value]
+        return np.zeros(0, dtype=DTYPE), meta
     return np.memmap(path, dtype=DTYPE, mode="r", shape=(meta["n_tokens"],)), meta
 
 

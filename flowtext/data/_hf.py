@@ -100,7 +100,7 @@ class HFTokenizer(Tokenizer):
         except Exception as err:  # the Rust side raises its own exception type
             raise DataError(f"not a usable tokenizer.json: {err}") from None
         self._json = json.dumps(json.loads(self._tok.to_str()), sort_keys=True)
-        self.kind = kind  # type: ignore[misc]
+        self.kind = kind  # type: ignore[misc]  # per instance here: 'bpe' or 'hf'
         self.pad_id, self.bos_id, self.eos_id = (int(i) for i in specials)
         v = self._tok.get_vocab_size(with_added_tokens=True)
         if not all(0 <= i < v for i in self.special_ids):
