@@ -141,7 +141,7 @@ def test_frozen_tokens_are_exactly_unchanged():
     t_next = torch.tensor([[0.0, 0.25, 1.0, 0.3]] * 3, dtype=torch.float64)
     field = Field(toy.denoiser("linear"), schedules.get("linear"))
     for name in solvers.names():
-        if name == "torchdiffeq":
+        if name == "torchdiffeq" or solvers.get(name).categorical:
             continue
         noise = solvers.GeneratorNoise(torch.Generator().manual_seed(0))
         out = solvers.get(name).step(field, z, t_now, t_next, noise=noise)
@@ -193,7 +193,9 @@ def test_integrate_bad_input():
 
 
 # ------------------------------------------------------------- noise sources and start predictions
-STEP_SOLVERS = [n for n in solvers.names() if solvers.get(n).per_token]
+STEP_SOLVERS = [
+    n for n in solvers.names() if solvers.get(n).per_token and not solvers.get(n).categorical
+]
 
 
 @pytest.mark.parametrize("name", STEP_SOLVERS)
@@ -260,3 +262,57 @@ def test_generator_noise_is_seeded_and_respects_the_support():
 def test_decoding_refuses_one_clock_solvers_only():
     assert not solvers.get("torchdiffeq").per_token
     assert all(solvers.get(n).per_token for n in ["euler", "midpoint", "heun", "rk4", "ancestral"])
+
+
+# ------------------------------------------------------------------------ the ancestral-mixture step
+def _categorical_field(calls=None):
+    table = torch.randn(5, 3, dtype=torch.float64, generator=torch.Generator().manual_seed(0))
+
+    def predictor(z, t):
+        if calls is not None:
+            calls.append(1)
+        logits = z @ table.T + t[..., None]
+        return Prediction(torch.softmax(logits, -1) @ table, logits, table)
+
+    return Field.categorical(predictor, schedules.get("cosine")), table
+
+
+def test_ancestral_mixture_freezes_commits_and_reuses_the_start():
+    calls = []
+    field, table = _categorical_field(calls)
+    z = torch.randn(2, 4, 3, dtype=torch.float64)
+    t_now = torch.tensor([[1.0, 0.6, 0.3, 0.5]] * 2, dtype=torch.float64)
+    t_next = torch.tensor([[0.8, 0.6, 0.0, 0.2]] * 2, dtype=torch.float64)
+    mix = solvers.get("ancestral-mixture")
+
+    def run(start, seed=4):
+        calls.clear()
+        noise = solvers.GeneratorNoise(torch.Generator().manual_seed(seed))
+        return mix.step(field, z, t_now, t_next, noise=noise, start=start), len(calls)
+
+    (plain, n_plain), (given, n_given) = run(None), run(field.predict(z, t_now))
+    assert torch.equal(plain, given) and n_given == n_plain - 1
+    assert torch.equal(plain[:, 1], z[:, 1])  # frozen token
+    dist = torch.cdist(plain[:, 2], table[None].expand(2, -1, -1))
+    assert bool((dist.amin(-1) == 0).all())  # reaching 0 commits to an embedding exactly
+    assert not torch.equal(run(None, seed=5)[0], plain)
+    with pytest.raises(ConfigError, match="categorical field"):
+        toy = make_toy(4, 3, 0)
+        mix.step(Field(toy.denoiser("cosine"), schedules.get("cosine")), z, t_now, t_next)
+    with pytest.raises(ConfigError, match="temperature"):
+        solvers.get("ancestral-mixture", temperature=-1.0)
+
+
+def test_ancestral_mixture_one_jump_draws_the_readout_law():
+    """A 1 -> 0 jump of one token lands on e_v with v ~ softmax(logits) (chi-square check)."""
+    field, table = _categorical_field()
+    n = 4000
+    z = torch.randn(1, 1, 3, dtype=torch.float64).expand(n, 1, 3)
+    one, zero = torch.ones(n, 1, dtype=torch.float64), torch.zeros(n, 1, dtype=torch.float64)
+    noise = solvers.GeneratorNoise(torch.Generator().manual_seed(1))
+    out = solvers.get("ancestral-mixture").step(field, z, one, zero, noise=noise)
+    ids = torch.cdist(out[:, 0], table).argmin(-1)
+    counts = torch.bincount(ids, minlength=5).double()
+    p = torch.softmax(field.predict(z[:1], one[:1]).logits[0, 0], -1)
+    chi2 = float(((counts - n * p) ** 2 / (n * p)).sum())
+    assert chi2 < 20.5  # 4 degrees of freedom: p < 0.0005 of failing by chance
