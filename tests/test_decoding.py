@@ -130,7 +130,14 @@ def test_cases_cover_every_registered_policy():
 @pytest.mark.parametrize("name,kwargs,steps", STATIC_CASES)
 @pytest.mark.parametrize(
     "solver,greedy",
-    [("euler", True), ("heun", False), ("midpoint", False), ("rk4", False), ("ancestral", False)],
+    [
+        ("euler", True),
+        ("heun", False),
+        ("midpoint", False),
+        ("rk4", False),
+        ("ancestral", False),
+        ("ancestral-mixture", False),
+    ],
 )
 def test_cached_equals_uncached(name, kwargs, steps, solver, greedy):
     outs = []
@@ -574,6 +581,27 @@ def test_a_token_drawing_solver_plugs_into_the_decoder():
         NET, SCHED, prompt=prompts, generator=[gen(90 + i) for i in range(3)], **common
     )
     assert other.tokens != batched.tokens  # the draws matter (the test can fail)
+
+
+def test_ancestral_mixture_under_autoregressive_is_ar_sampling():
+    """Every token jumps 1 -> 0: the decoder draws it from the readout, no solver step runs."""
+    prompts = [[1, 2, 3], [4]]
+    common = dict(length=6, policy="autoregressive", steps=6)
+    runs = {
+        name: generate(
+            NET, SCHED, prompt=prompts, solver=name, generator=[gen(30), gen(31)], **common
+        ).tokens
+        for name in ("ancestral-mixture", "ancestral", "euler")
+    }
+    assert runs["ancestral-mixture"] == runs["ancestral"] == runs["euler"]
+    sync = {
+        name: generate(
+            NET, SCHED, prompt=prompts, solver=name, generator=[gen(30), gen(31)], length=6,
+            policy="synchronous", steps=3,
+        ).tokens
+        for name in ("ancestral-mixture", "ancestral")
+    }  # fmt: skip
+    assert sync["ancestral-mixture"] != sync["ancestral"]  # the solver matters off AR
 
 
 def test_layers_point_down_at_import_time():
