@@ -193,6 +193,7 @@ class FlowLM(L.LightningModule):
                 t_min=t_min if m > 1 else None,
                 generator=gen,
                 sampling=sampling,
+                reverse=self.regime.reverse,
                 ar=ar,
                 difficulty=difficulty,
             )
@@ -200,7 +201,14 @@ class FlowLM(L.LightningModule):
             policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
         )
         return single_stream_loss(
-            self.net, tokens, grid, self.schedule, generator=gen, sampling=sampling, ar=ar
+            self.net,
+            tokens,
+            grid,
+            self.schedule,
+            generator=gen,
+            sampling=sampling,
+            reverse=self.regime.reverse,
+            ar=ar,
         )
 
     def training_loss(

@@ -35,7 +35,7 @@ from typing import Any, Literal
 import torch
 
 from flowtext.errors import ConfigError
-from flowtext.objectives import STEP_SAMPLINGS
+from flowtext.objectives import REVERSE_STEPS, STEP_SAMPLINGS
 from flowtext.policies import Block, Diagonal, StaticPolicy, Synchronous
 
 __all__ = ["DrawnBound", "TrainingRegime", "block_bound"]
@@ -87,6 +87,9 @@ class TrainingRegime:
     ar_weight: float = 0.0
     """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
     the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""
+    reverse: Literal["gaussian", "mixture"] = "gaussian"
+    """Reverse step of the bounds (training and validation): gaussian = the Gaussian-mean step
+    q(z_s | z_t, x_hat) (theory §4), mixture = sum_v p(v | z_t) q(z_s | z_t, e_v) (theory §4b)."""
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize YAML lists to tuples once, here
@@ -120,6 +123,10 @@ class TrainingRegime:
         if self.step_sampling not in STEP_SAMPLINGS:
             raise ConfigError(
                 f"unknown step_sampling {self.step_sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}"
+            )
+        if self.reverse not in REVERSE_STEPS:
+            raise ConfigError(
+                f"unknown reverse step {self.reverse!r}; valid: {', '.join(REVERSE_STEPS)}"
             )
 
     def _check_steps(self) -> None:
