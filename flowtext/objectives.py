@@ -80,6 +80,8 @@ class LossTerms:
         scored: Which tokens were evaluated at a non-committed state, ``[B, L]`` bool.
         ar_nats: The exact AR bound of the batch per token ``[B, L]`` (prior included), when
             the estimator was asked for it (``ar=True``), else ``None``.
+        t: The time of each token's evaluated state ``[B, L]`` (what a fitted schedule pairs
+            with ``ce``), or ``None`` (the one-stream AR estimator).
     """
 
     def __init__(
@@ -89,8 +91,10 @@ class LossTerms:
         difficulty: Tensor | Callable[[], Tensor] | None,
         scored: Tensor,
         ar_nats: Tensor | None = None,
+        t: Tensor | None = None,
     ) -> None:
         self.nats, self.ce, self.scored, self.ar_nats = nats, ce, scored, ar_nats
+        self.t = t
         self._difficulty = difficulty
 
     @property
@@ -528,6 +532,7 @@ def single_stream_loss(
         difficulty=lambda: out.difficulty,
         scored=t_prev > 0,
         ar_nats=autoregressive_loss(net, tokens, schedule).nats if ar else None,
+        t=t_prev,
     )
 
 
@@ -622,6 +627,7 @@ def two_stream_loss(
         difficulty=lambda: out.difficulty[:, noisy],
         scored=torch.ones_like(tokens, dtype=torch.bool),
         ar_nats=ar_nats,
+        t=t_prev,
     )
 
 
