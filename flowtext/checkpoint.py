@@ -119,6 +119,7 @@ def _build_module(ckpt: dict[str, Any], path: Path) -> FlowLM:
         raise CheckpointError(f"{path} records an unusable model configuration: {err}") from None
     try:
         lm.load_state_dict(ckpt["state_dict"])
+        lm.on_load_checkpoint(ckpt)  # a fitted schedule's state
     except RuntimeError as err:
         detail = " ".join(str(err).split())[:300]
         raise CheckpointError(

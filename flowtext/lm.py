@@ -34,6 +34,7 @@ from flowtext.errors import ConfigError, NonFiniteError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
 from flowtext.regime import DrawnBound, TrainingRegime, block_bound
+from flowtext.schedules import InfoUniform
 
 __all__ = ["AutoregressiveLM", "DiffusionLM", "Evo", "FlowLM"]
 
@@ -106,6 +107,7 @@ class FlowLM(L.LightningModule):
         self.max_lr_steps = max_lr_steps
         self.seed = int(seed)
         self._gen = torch.Generator().manual_seed(self.seed)
+        self._schedule_feeds = 0
 
     # ------------------------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
@@ -130,6 +132,50 @@ class FlowLM(L.LightningModule):
         tok = getattr(dm, "tokenizer", None)
         if tok is not None:
             checkpoint["flowtext_tokenizer"] = tok.state_dict()
+        if isinstance(self.schedule, InfoUniform):
+            checkpoint["flowtext_schedule"] = self.schedule.state_dict()
+
+    def on_load_checkpoint(self, checkpoint: dict) -> None:
+        """Restore a fitted schedule's state (the info-uniform warp) saved with the weights."""
+        state = checkpoint.get("flowtext_schedule")
+        if isinstance(self.schedule, InfoUniform) and state is not None:
+            self.schedule.load_state_dict(state)
+
+    def on_train_batch_start(self, batch, batch_idx) -> None:
+        """A fitted schedule learns during training only (see :meth:`freeze_schedule`)."""
+        if isinstance(self.schedule, InfoUniform):
+            self.schedule.unfreeze()
+
+    def freeze_schedule(self) -> None:
+        """Freeze a fitted schedule: validation, tests and decoding see a fixed warp."""
+        if isinstance(self.schedule, InfoUniform):
+            self.schedule.freeze()
+
+    def on_validation_start(self) -> None:  # noqa: D102
+        self.freeze_schedule()
+
+    on_test_start = on_predict_start = on_validation_start
+
+    def feed_schedule(self, terms: LossTerms) -> None:
+        """Feed an unfrozen info-uniform schedule one step's (log-SNR, cross-entropy) pairs.
+
+        Tokens scored at a time strictly inside ``(0, 1)`` count; every
+        :attr:`~flowtext.regime.TrainingRegime.schedule_fit_every` feeds the warp is refit.
+
+        Args:
+            terms: The step's estimate (its ``t``, ``ce`` and ``scored``).
+        """
+        sched = self.schedule
+        if not isinstance(sched, InfoUniform) or sched.frozen or terms.t is None:
+            return
+        t = terms.t.detach()
+        keep = terms.scored & (t > 0) & (t < 1)
+        if not bool(keep.any()):
+            return
+        sched.update(sched.log_snr(t[keep].to(torch.float64)), terms.ce.detach()[keep])
+        self._schedule_feeds += 1
+        if self._schedule_feeds % self.regime.schedule_fit_every == 0:
+            sched.fit()
 
     # ----------------------------------------------------------------------------------- losses
     def policy_bound(
@@ -239,6 +285,7 @@ class FlowLM(L.LightningModule):
             ar=regime.ar_weight > 0,
             difficulty=regime.difficulty_weight > 0,
         )
+        self.feed_schedule(terms)
         elbo = terms.nats.mean()
         loss = elbo
         logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{bound.label}": elbo / LN2}
@@ -403,6 +450,7 @@ class FlowLM(L.LightningModule):
         """
         from flowtext.decoding import generate
 
+        self.freeze_schedule()
         return generate(self.net, self.schedule, prompt=prompt, **kwargs)
 
     def configure_optimizers(self):  # noqa: D102

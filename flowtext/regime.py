@@ -87,6 +87,9 @@ class TrainingRegime:
     ar_weight: float = 0.0
     """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
     the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""
+    schedule_fit_every: int = 100
+    """Training steps between refits of a fitted schedule (info-uniform); every training step
+    feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
     reverse: Literal["gaussian", "mixture"] = "gaussian"
     """Reverse step of the bounds (training and validation): gaussian = the Gaussian-mean step
     q(z_s | z_t, x_hat) (theory §4), mixture = sum_v p(v | z_t) q(z_s | z_t, e_v) (theory §4b)."""
@@ -97,6 +100,7 @@ class TrainingRegime:
         set_(self, "diagonal_widths", tuple(float(w) for w in self.diagonal_widths))
         set_(self, "steps_per_block", _int(self.steps_per_block, "steps_per_block"))
         set_(self, "diagonal_steps", _int(self.diagonal_steps, "diagonal_steps"))
+        set_(self, "schedule_fit_every", _int(self.schedule_fit_every, "schedule_fit_every"))
         self._check_mixture()
         self._check_steps()
 
@@ -134,6 +138,8 @@ class TrainingRegime:
             raise ConfigError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
         if self.diagonal_steps < 1:
             raise ConfigError(f"diagonal_steps must be >= 1, got {self.diagonal_steps}")
+        if self.schedule_fit_every < 1:
+            raise ConfigError(f"schedule_fit_every must be >= 1, got {self.schedule_fit_every}")
         if self.t_min is not None and not 0 < self.t_min < 1:
             raise ConfigError(f"t_min must lie in (0, 1), got {self.t_min}")
         trains_blocks = self.single_stream_fraction < 1.0
