@@ -179,3 +179,17 @@ def test_bound_bpb_averages_policy_bound_over_batches_and_repeats():
     ]
     assert bpb == pytest.approx(sum(vals) / 4 / math.log(2) / 2.0)
     assert se > 0
+
+
+def test_ablate_quick_trains_every_variant_and_writes_table_and_figure(tmp_path, capsys):
+    from experiments import ablate
+
+    assert ablate.main(["--quick", "--out", str(tmp_path)]) == 0
+    table = capsys.readouterr().out
+    rows = (tmp_path / "ablate.csv").read_text().splitlines()
+    assert len(rows) == 1 + len(ablate.FAMILIES) * len(ablate.REVERSES) * len(ablate.SCHEDULES)
+    for fam, rev, sch in [("diffusion", "mixture", "info-uniform"), ("evo", "gaussian", "cosine")]:
+        assert f"| {fam} | {rev} | {sch} |" in table
+    values = [float(v) for row in rows[1:] for v in row.split(",")[3:]]
+    assert all(math.isfinite(v) and v > 0 for v in values)
+    assert (tmp_path / "ablate_steps.png").stat().st_size > 1000

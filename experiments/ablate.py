@@ -1,0 +1,177 @@
+"""Ablation of issue 13's ingredients at equal budget: reverse step and noise schedule.
+
+Trains one tiny model per (family, reverse step, schedule) on the bytes of a stdlib module's
+source, every model with the same number of optimizer steps, batch and seed, then reports the
+validation bits/byte of its synchronous and ``block(B)`` bounds (one table) and draws the
+``block(B)`` bound against the steps per block (network evaluations per block, one figure)::
+
+    python -m experiments.ablate --quick --out /tmp/ablate    # seconds
+    python -m experiments.ablate --steps 2000 --out runs/ablate
+
+Ingredients: ``reverse`` = ``gaussian`` (Gaussian-mean step) or ``mixture`` (theory §4b, the
+model trains and reports the mixture bound); ``schedule`` = ``cosine`` or ``info-uniform``
+(fitted during training every ``--fit-every`` steps, frozen for evaluation, theory §4c).
+Families: ``diffusion`` (one block over the sequence) and ``evo`` (the Evo regime). Outputs in
+``--out``: ``ablate.csv``, ``ablate.md`` and ``ablate_steps.png``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import itertools
+import json
+from pathlib import Path
+
+import torch
+
+from experiments.common import bound_bpb, hardware, md_table, write_csv
+from flowtext.lm import FlowLM
+from flowtext.nn import FlowTransformerConfig
+from flowtext.policies import Block
+from flowtext.regime import TrainingRegime
+
+FAMILIES = ("diffusion", "evo")
+REVERSES = ("gaussian", "mixture")
+SCHEDULES = ("cosine", "info-uniform")
+
+
+def corpus(length: int) -> torch.Tensor:
+    """Byte ids of stdlib sources (``argparse``, then ``json``), cut into rows of ``length``."""
+    import argparse as a
+    import json as j
+
+    raw = (inspect.getsource(a) + inspect.getsource(j.decoder)).encode()
+    ids = torch.tensor(list(raw), dtype=torch.long)
+    n = ids.numel() // length
+    return ids[: n * length].reshape(n, length)
+
+
+def build(family: str, reverse: str, schedule: str, args) -> FlowLM:
+    """A fresh tiny model of ``family`` with the given reverse step and schedule."""
+    base = TrainingRegime.diffusion(args.train_steps) if family == "diffusion" else None
+    if base is None:
+        base = dataclasses.replace(TrainingRegime.evo(), steps_per_block=args.train_steps)
+    regime = dataclasses.replace(base, reverse=reverse, schedule_fit_every=args.fit_every)
+    net = FlowTransformerConfig(
+        vocab_size=256, max_len=args.length, d_model=args.width, n_layers=args.layers,
+        n_heads=2, d_embed=16, cond_dim=32, cond_rank=4, attention_backend="sdpa",
+    )  # fmt: skip
+    kw = {"schedule_kwargs": {"n_bins": 32}} if schedule == "info-uniform" else {}
+    torch.manual_seed(args.seed)
+    return FlowLM(net=net, regime=regime, schedule=schedule, seed=args.seed, **kw)
+
+
+def train(lm: FlowLM, rows: torch.Tensor, args) -> None:
+    """``args.steps`` Adam steps on random batches of ``rows`` (the same draws for every model)."""
+    opt = torch.optim.AdamW(lm.parameters(), lr=args.lr)
+    gen = torch.Generator().manual_seed(args.seed)
+    lm.train()
+    for _ in range(args.steps):
+        pick = torch.randint(rows.shape[0], (args.batch,), generator=gen)
+        loss, _ = lm.training_loss(rows[pick])
+        opt.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(lm.parameters(), 1.0)
+        opt.step()
+    lm.freeze_schedule()
+    lm.eval()
+
+
+def evaluate(lm: FlowLM, val: list[torch.Tensor], args) -> dict:
+    """Bits/byte of the synchronous and ``block(B)`` bounds at each steps-per-block."""
+    out = {}
+    n_blocks = -(-args.length // args.block)
+    for m in args.steps_per_block:
+        g = torch.Generator().manual_seed(args.seed + 1)  # common random numbers
+        kw = dict(bytes_per_token=1.0, repeats=args.repeats, generator=g)
+        out[("sync", m)] = bound_bpb(lm, val, "synchronous", m, **kw)[0]
+        block = Block(size=args.block)
+        out[("block", m)] = bound_bpb(lm, val, block, n_blocks * m, **kw)[0]
+    return out
+
+
+def figure(results: dict, args, path: Path) -> None:
+    """bits/byte of the ``block(B)`` bound against steps per block, one line per variant."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for name, res in results.items():
+        ms = list(args.steps_per_block)
+        ax.plot(ms, [res[("block", m)] for m in ms], marker="o", label=name)
+    ax.set_xscale("log", base=2)
+    ax.set_xlabel(f"steps per block (network evaluations per block of {args.block})")
+    ax.set_ylabel("validation bound, bits/byte")
+    ax.set_title(f"ablation at {args.steps} training steps")
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def parse(argv=None) -> argparse.Namespace:
+    """Command-line arguments (``--quick`` shrinks everything to seconds)."""
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--out", type=Path, default=Path("runs/ablate"))
+    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
+    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--length", type=int, default=64)
+    p.add_argument("--block", type=int, default=8)
+    p.add_argument("--width", type=int, default=128)
+    p.add_argument("--layers", type=int, default=4)
+    p.add_argument("--lr", type=float, default=1e-3)
+    p.add_argument("--train-steps", type=int, default=16, help="steps per block of training")
+    p.add_argument("--fit-every", type=int, default=50, help="info-uniform refit interval")
+    p.add_argument("--val-batches", type=int, default=4)
+    p.add_argument("--repeats", type=int, default=2)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    args = p.parse_args(argv)
+    args.steps_per_block = (2, 4, 8, 16, 64)
+    if args.quick:
+        args.steps, args.batch, args.length, args.width, args.layers = 4, 4, 16, 32, 1
+        args.train_steps, args.fit_every, args.val_batches, args.repeats = 4, 2, 1, 1
+        args.steps_per_block = (2, 4)
+    return args
+
+
+def main(argv=None) -> int:
+    """Train every variant, print the table, write the CSV, markdown and figure."""
+    args = parse(argv)
+    args.out.mkdir(parents=True, exist_ok=True)
+    rows_all = corpus(args.length)
+    n_val = args.val_batches * args.batch
+    val = list(rows_all[-n_val:].split(args.batch))
+    train_rows = rows_all[:-n_val]
+    results, rows = {}, []
+    for fam, rev, sch in itertools.product(args.families, REVERSES, SCHEDULES):
+        lm = build(fam, rev, sch, args)
+        train(lm, train_rows, args)
+        res = evaluate(lm, val, args)
+        name = f"{fam} {rev} {sch}"
+        results[name] = res
+        m = max(args.steps_per_block)
+        rows.append(
+            {"family": fam, "reverse": rev, "schedule": sch}
+            | {f"sync_bpb@{k}": res[("sync", k)] for k in (min(args.steps_per_block), m)}
+            | {f"block{args.block}_bpb@{k}": res[("block", k)] for k in args.steps_per_block}
+        )
+    lines = [f"# ablation ({args.steps} steps per model; {hardware()})", ""]
+    lines += md_table(rows)
+    print("\n".join(lines))
+    write_csv(args.out / "ablate.csv", rows)
+    (args.out / "ablate.md").write_text("\n".join(lines) + "\n")
+    (args.out / "args.json").write_text(json.dumps(vars(args), default=str, indent=1))
+    figure(results, args, args.out / "ablate_steps.png")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
