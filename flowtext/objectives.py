@@ -259,7 +259,10 @@ def gaussian_kl_weight(t: Tensor, s: Tensor, schedule: NoiseSchedule) -> Tensor:
 def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
     """Per-token cross-entropy ``[B, L]``, computed in at least float32."""
     logits = logits.to(torch.promote_types(logits.dtype, torch.float32))
-    return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+    flat = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]), tokens.reshape(-1), reduction="none"
+    )
+    return flat.view(tokens.shape)
 
 
 def _state(net, x_emb: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule) -> Tensor:

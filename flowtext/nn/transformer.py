@@ -444,9 +444,13 @@ class FlowTransformer(nn.Module):
         positions = self._positions(positions, b, n, past, z.device)
         o = o.long()
         dtype = self.in_proj.weight.dtype
-        rope = rotary(positions, self.config.head_dim, self.config.rope_base, dtype)
+        # rows that share their positions (an expanded [L]) share one rotary table
+        rope_pos = positions[:1] if positions.stride(0) == 0 else positions
+        rope = rotary(rope_pos, self.config.head_dim, self.config.rope_base, dtype)
 
-        c = self.time_embed(t)
+        # one time for every token (a clean stream, t = 0): one conditioning vector, broadcast
+        uniform = bool((t == t[:1, :1]).all())
+        c = self.time_embed(t[:1, :1] if uniform else t)
         c_act = F.silu(c)
         noise = (t == 1)[..., None]
         z = z.to(dtype).masked_fill(noise, 0.0)  # a t = 1 token's z is never read, not even NaN
