@@ -21,7 +21,7 @@ commit (cross-entropy) term for each token that reaches ``0``.
   teacher-forced cross-entropy.
 * :func:`continuous_elbo`: the synchronous bound as ``K -> inf`` on ``[t_min, 1]``.
 
-**The next-token readout** (theory §4d). Committed tokens are ordered by ``(step, position)``
+**The next-token readout** (theory §3d). Committed tokens are ordered by ``(step, position)``
 (order ``step * L + position``), so tokens committed in one step see each other causally. A
 *one-jump commit* of token ``j > 0`` (from ``t = 1`` straight to 0) whose predecessors ``0..j-1``
 are all committed in position order reads its commit distribution from the committed token
@@ -321,7 +321,7 @@ def next_token_readout(t_prev: Tensor, t_next: Tensor, orders: Tensor) -> Tensor
     Token ``j`` qualifies iff ``j > 0``, it jumps from ``t = 1`` straight to 0 in this step, and
     tokens ``0..j-1`` are all committed with non-decreasing orders (a committed prefix in
     position order). Its commit distribution is then ``softmax`` of the logits of committed token
-    ``j - 1``, whose features see exactly ``x_{<j}`` (theory §4d); any other transition reads the
+    ``j - 1``, whose features see exactly ``x_{<j}`` (theory §3d); any other transition reads the
     token's own output.
 
     Args:

@@ -307,7 +307,7 @@ class UnigramOracle:
         a = self.schedule.alpha(t)[..., None, None]
         s2 = self.schedule.sigma(t).pow(2).clamp_min(1e-12)[..., None]  # t = 0: finite logits
         logits = self.log_pi - ((z[..., None, :] - a * self.table) ** 2).sum(-1) / (2 * s2)
-        # a committed token's readout is the next token's law (theory §4d): pi, as tokens are iid
+        # a committed token's readout is the next token's law (theory §3d): pi, as tokens are iid
         logits = torch.where((t == 0)[..., None], self.log_pi, logits)
         return SimpleNamespace(logits=logits, difficulty=torch.zeros_like(t))
 

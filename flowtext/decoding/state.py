@@ -5,7 +5,7 @@ One global step ``k`` of :func:`step`:
 1. the policy names the *awake* tokens (:meth:`~flowtext.policies.ProgressionPolicy.awake`);
 2. :func:`evaluate` runs the network on them (fusing the previous step's commits into the same
    pass when the KV cache is on, which also hands back the logits of the committed token just
-   before the first uncommitted one: the next-token readout, theory §4d);
+   before the first uncommitted one: the next-token readout, theory §3d);
 3. the policy gives the next times (:meth:`~flowtext.policies.ProgressionPolicy.next_times`):
    tokens whose time reaches 0 commit, the others with a smaller time move;
 4. :func:`draw` samples the committing tokens from the readout at the state before the step (a
@@ -358,7 +358,7 @@ def _keep_next(s: DecodeState, logits: Tensor, pos: Tensor) -> DecodeState:
 
 
 def next_token_evaluation(dec: Decoder, s: DecodeState, ev: Evaluation) -> Evaluation:
-    """``ev`` with the next-token readout where it applies (theory §4d).
+    """``ev`` with the next-token readout where it applies (theory §3d).
 
     Per row, the first uncommitted token, when awake at ``t = 1`` after a prompt and committed
     prefix in position order, gets the logits of its committed predecessor: its distribution if

@@ -36,7 +36,7 @@ class FlowOutput:
         logits: Clean-token logits ``[B, L, V]``: ``softmax`` gives ``p_theta(x_i | z, t)``. For
             a committed token the readout predicts the *next* token: its logits are the commit
             distribution of token ``i + 1`` when that token jumps from ``t = 1`` to 0 after a
-            committed prefix in position order (theory §4d).
+            committed prefix in position order (theory §3d).
         hidden: Final features ``[B, L, d_model]`` that both heads read.
         next_logits: In commit passes that ask for it (``readout=``), the logits ``[B, V]`` of
             one committed token per row; otherwise ``None``.
@@ -249,7 +249,7 @@ class FlowTransformer(nn.Module):
             readout: Optional ``[B]`` index of one committed token per row (``0..n-1``; ``-1``
                 = none, those rows get the first one's): its logits come back as
                 ``next_logits [B, V]``, the commit distribution of the token after it
-                (theory §4d). The pass computes its features anyway; only the readout is added.
+                (theory §3d). The pass computes its features anyway; only the readout is added.
 
         Returns:
             ``(FlowOutput of the m queries, cache extended by the n committed tokens)``.
