@@ -53,14 +53,15 @@ def build(family: str, reverse: str, schedule: str, args) -> FlowLM:
     base = TrainingRegime.diffusion(args.train_steps) if family == "diffusion" else None
     if base is None:
         base = dataclasses.replace(TrainingRegime.evo(), steps_per_block=args.train_steps)
-    regime = dataclasses.replace(base, reverse=reverse, schedule_fit_every=args.fit_every)
+    fields = base.to_dict() | {"reverse": reverse, "schedule_fit_every": args.fit_every}
+    regime = TrainingRegime(**fields)
     net = FlowTransformerConfig(
         vocab_size=256, max_len=args.length, d_model=args.width, n_layers=args.layers,
         n_heads=2, d_embed=16, cond_dim=32, cond_rank=4, attention_backend="sdpa",
     )  # fmt: skip
-    kw = {"schedule_kwargs": {"n_bins": 32}} if schedule == "info-uniform" else {}
+    kwargs = {"n_bins": 32} if schedule == "info-uniform" else None
     torch.manual_seed(args.seed)
-    return FlowLM(net=net, regime=regime, schedule=schedule, seed=args.seed, **kw)
+    return FlowLM(net=net, regime=regime, schedule=schedule, schedule_kwargs=kwargs, seed=args.seed)
 
 
 def train(lm: FlowLM, rows: torch.Tensor, args) -> None:
