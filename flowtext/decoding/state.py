@@ -277,7 +277,7 @@ def evaluate(
     Returns:
         ``(logits [B, n, V], difficulty [B, n], new state)``.
     """
-    if s.cache is None:
+    if not dec.settings.use_cache:
         logits, difficulty, nxt, nxt_pos = _full_forward(dec, s, z, t, idx, valid)
         s = _keep_next(s, nxt, nxt_pos)
         return logits, difficulty, replace(s, nfe=s.nfe + 1, passes=s.passes + 1)
@@ -494,19 +494,20 @@ def commit(dec: Decoder, s: DecodeState, committing: Tensor, ids: Tensor) -> Dec
     order = torch.where(
         committing, (s.k + 1) * dec.context.base + dec.context.gen_positions, s.order
     )
-    s = replace(
+    pending = s.pending
+    if dec.settings.use_cache:
+        pos = dec.context.gen_positions
+        _, _, pz, po, ppos = _pack(committing, z, order, pos, fill=(0.0, LIVE, 0))
+        pending = (pz, po, ppos)
+    return replace(
         s,
         z=z,
         ids=ids,
         t=torch.where(committing, 0.0, s.t).to(dtype),
         order=order,
         commit_step=torch.where(committing, s.k + 1, s.commit_step),
+        pending=pending,
     )
-    if s.cache is not None:
-        pos = dec.context.gen_positions
-        _, _, pz, po, ppos = _pack(committing, z, order, pos, fill=(0.0, LIVE, 0))
-        s = replace(s, pending=(pz, po, ppos))
-    return s
 
 
 def end_step(dec: Decoder, s: DecodeState) -> DecodeState:
