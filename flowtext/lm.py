@@ -160,7 +160,8 @@ class FlowLM(L.LightningModule):
         """Feed an unfrozen info-uniform schedule one step's (log-SNR, cross-entropy) pairs.
 
         Tokens scored at a time strictly inside ``(0, 1)`` count; every
-        :attr:`~flowtext.regime.TrainingRegime.schedule_fit_every` feeds the warp is refit.
+        :attr:`~flowtext.regime.TrainingRegime.schedule_fit_every` feeds the warp is refit
+        (once at least two log-SNR bins have data).
 
         Args:
             terms: The step's estimate (its ``t``, ``ce`` and ``scored``).
@@ -174,8 +175,9 @@ class FlowLM(L.LightningModule):
             return
         sched.update(sched.log_snr(t[keep].to(torch.float64)), terms.ce.detach()[keep])
         self._schedule_feeds += 1
-        if self._schedule_feeds % self.regime.schedule_fit_every == 0:
-            sched.fit()
+        seen = int((~torch.isnan(sched.estimates()[1])).sum())
+        if self._schedule_feeds % self.regime.schedule_fit_every == 0 and seen >= 2:
+            sched.fit()  # one bin alone (a grid with one inner time) gives no curve to fit
 
     # ----------------------------------------------------------------------------------- losses
     def policy_bound(

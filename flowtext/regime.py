@@ -88,7 +88,7 @@ class TrainingRegime:
     """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
     the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""
     schedule_fit_every: int = 100
-    """Training steps between refits of a fitted schedule (info-uniform); every training step
+    """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
     reverse: Literal["gaussian", "mixture"] = "gaussian"
     """Reverse step of the bounds (training and validation): gaussian = the Gaussian-mean step

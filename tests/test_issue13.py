@@ -92,3 +92,12 @@ def test_the_checkpoint_round_trips_the_fitted_schedule(tmp_path):
     assert not torch.allclose(again.schedule.warp(T), T, atol=1e-6)
     fresh = _model()
     assert not torch.equal(fresh.schedule.warp(T), model.schedule.warp(T))
+
+
+def test_a_grid_with_one_inner_time_feeds_but_does_not_fit():
+    torch.manual_seed(0)
+    regime = TrainingRegime(block_sizes=(0,), steps_per_block=2, schedule_fit_every=1)
+    model = FlowLM(net=FlowTransformerConfig(**TINY), regime=regime, schedule="info-uniform")
+    _train(model, 2, torch.randint(0, 13, (4, 12)))  # every state at t = 1/2: one bin
+    assert int((~torch.isnan(model.schedule.estimates()[1])).sum()) == 1
+    torch.testing.assert_close(model.schedule.warp(T), T)
