@@ -615,3 +615,66 @@ def test_layers_point_down_at_import_time():
         "assert not {'flowtext.lm', 'flowtext.checkpoint', 'flowtext.sample'} & set(sys.modules)\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+# ------------------------------------------------------------------ the next-token readout
+class NoFusedCommit(nn.Module):
+    """The network without ``commit_forward``: the decoder commits, then evaluates."""
+
+    def __init__(self, net):
+        super().__init__()
+        self.inner, self.config = net, net.config
+
+    def embed(self, tokens):
+        return self.inner.embed(tokens)
+
+    def embedding_table(self):
+        return self.inner.embedding_table()
+
+    def x0_hat(self, logits):
+        return self.inner.x0_hat(logits)
+
+    def new_cache(self, b, **kw):
+        return self.inner.new_cache(b, **kw)
+
+    def commit(self, cache, z, o, positions):
+        return self.inner.commit(cache, z, o, positions)
+
+    def forward(self, z, t, o, positions=None, cache=None):
+        return self.inner(z, t, o, positions=positions, cache=cache)
+
+
+@pytest.mark.parametrize(
+    "name,kwargs,steps", [("autoregressive", {}, 8), ("block", {"size": 2}, 8), ("adaptive", {}, 8)]
+)
+def test_without_commit_forward_the_decoder_reads_the_same_next_token_logits(name, kwargs, steps):
+    args = dict(prompt=[[1, 2, 3], [4]], length=8, policy=name, policy_kwargs=kwargs, steps=steps)
+    fused = generate(NET, SCHED, generator=gen(2), **args)
+    plain = generate(NoFusedCommit(NET), SCHED, generator=gen(2), **args)
+    assert fused.tokens == plain.tokens
+    assert plain.stats.passes > fused.stats.passes  # the commits ran as a second pass
+
+
+def test_one_jump_commits_after_an_in_order_prefix_read_the_predecessor():
+    """Greedy block(2) with one jump per block: each block's first token is the argmax of its
+    committed predecessor's logits, its second token the argmax of its own null query."""
+    prompt = torch.tensor([[3, 1, 4]])
+    res = generate(
+        NET, SCHED, prompt=prompt, length=4, policy="block", policy_kwargs={"size": 2}, steps=2,
+        greedy=True,
+    )  # fmt: skip
+    seq = prompt[0].tolist() + res.tokens[0]
+    differs = []
+    with torch.no_grad():
+        for block_start in (3, 5):
+            n = block_start
+            x = NET.embed(torch.tensor([seq[:n]]))
+            o = torch.arange(n)[None]
+            committed = NET(x, torch.zeros(1, n, dtype=torch.float64), o).logits[0, -1]
+            assert seq[n] == int(committed.argmax())
+            z = torch.cat([x, torch.zeros(1, 2, NET.config.d_embed, dtype=torch.float64)], 1)
+            t = torch.cat([torch.zeros(1, n), torch.ones(1, 2)], 1).double()
+            own = NET(z, t, torch.cat([o, torch.full((1, 2), LIVE)], 1)).logits[0]
+            assert seq[n + 1] == int(own[n + 1].argmax())
+            differs.append(int(own[n].argmax()) != seq[n])
+    assert any(differs)  # the old readout (own null query) would have drawn other tokens
