@@ -31,7 +31,7 @@ from lightning.pytorch.cli import OptimizerCallable
 from flowtext import policies as _policies
 from flowtext import schedules as _schedules
 from flowtext.errors import ConfigError, NonFiniteError
-from flowtext.nn import FlowTransformer, FlowTransformerConfig
+from flowtext.nn import FlowNetwork, FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
 from flowtext.regime import DrawnBound, TrainingRegime, block_bound
 from flowtext.schedules import InfoUniform
@@ -95,7 +95,7 @@ class FlowLM(L.LightningModule):
         self.save_hyperparameters(ignore=["optimizer"])
         self.hparams["net"] = asdict(net)  # plain data: checkpoints are read as data
         self.hparams["regime"] = regime.to_dict()
-        self.net = FlowTransformer(net)
+        self.net: FlowNetwork = FlowTransformer(net)
         self.schedule = _schedules.get(schedule, **(schedule_kwargs or {}))
         self.regime = regime
         self.val_block_size = val_block_size
@@ -220,11 +220,12 @@ class FlowLM(L.LightningModule):
         Raises:
             ConfigError: A policy without a static grid, or ``steps`` it cannot use.
         """
-        policy = _policies.resolve(policy)
+        resolved = _policies.resolve(policy)
         gen = generator if generator is not None else self._gen
         length, sampling = tokens.shape[1], self.regime.step_sampling
-        if not getattr(policy, "static", False):
-            raise ConfigError(f"policy_bound needs a static policy, got {policy!r}")
+        if not isinstance(resolved, _policies.StaticPolicy):
+            raise ConfigError(f"policy_bound needs a static policy, got {resolved!r}")
+        policy = resolved
         if isinstance(policy, (_policies.Block, _policies.Synchronous)):
             size = length if isinstance(policy, _policies.Synchronous) else policy.size
             n_blocks = -(-length // min(size, length))

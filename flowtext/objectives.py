@@ -293,6 +293,7 @@ def _terms_at_state(
     ce = _ce(logits, tokens)
     live = t_prev > 0
     if reverse == "mixture":
+        assert table is not None and xi is not None, "the mixture step needs table and xi"
         kl = mixture_kl(logits, table, tokens, snr_gap(t_prev, t_next, schedule), xi)
         return torch.where(live & (t_next < t_prev), kl, 0.0), ce
     commit = live & (t_next == 0)

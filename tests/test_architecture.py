@@ -1,8 +1,9 @@
 """The layer picture in docs/architecture.md is the import contract that `make test` enforces."""
 
 import re
-import tomllib
 from pathlib import Path
+
+import tomllib
 
 ROOT = Path(__file__).resolve().parents[1]
 

@@ -12,16 +12,9 @@ from flowtext.errors import CheckpointError
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
 
-NET = dict(
-    vocab_size=259,
-    max_len=16,
-    d_model=32,
-    n_layers=1,
-    n_heads=2,
-    d_embed=8,
-    cond_dim=16,
-    cond_rank=4,
-)
+from ._nets import tiny
+
+NET = tiny(vocab_size=259, n_layers=1)
 
 
 def _genuine(path, **net):

@@ -12,29 +12,16 @@ from flowtext import policies, solvers
 from flowtext.attention import LIVE
 from flowtext.decoding import Adaptive, GenerationResult, generate
 from flowtext.errors import ConfigError, DataError, FlowtextError, ShapeError
-from flowtext.nn import FlowOutput, FlowTransformer, FlowTransformerConfig
+from flowtext.nn import FlowOutput, FlowTransformerConfig
+
+from ._nets import perturbed_net, tiny
 
 V = 13
-TINY = dict(
-    vocab_size=V,
-    max_len=24,
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    d_embed=8,
-    cond_dim=16,
-    cond_rank=4,
-    attention_backend="sdpa",
-)
+TINY = tiny(max_len=24)
 
 
 def make_net(seed=0):
-    torch.manual_seed(seed)
-    net = FlowTransformer(FlowTransformerConfig(**TINY)).double().eval()
-    with torch.no_grad():
-        for p in net.parameters():
-            p.add_(0.2 * torch.randn_like(p))
-    return net
+    return perturbed_net(seed, 0.2, **TINY)
 
 
 NET = make_net()

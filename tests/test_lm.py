@@ -21,17 +21,9 @@ from flowtext.objectives import (
 )
 from flowtext.regime import TrainingRegime
 
-TINY = dict(
-    vocab_size=13,
-    max_len=16,
-    d_model=32,
-    n_layers=2,
-    n_heads=2,
-    d_embed=8,
-    cond_dim=16,
-    cond_rank=4,
-    attention_backend="sdpa",
-)
+from ._nets import tiny
+
+TINY = tiny()
 
 
 @pytest.mark.parametrize("cls", [flowtext.Evo, flowtext.AutoregressiveLM, flowtext.DiffusionLM])

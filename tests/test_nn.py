@@ -13,17 +13,9 @@ from flowtext.errors import ConfigError, DataError, ShapeError, TimeRangeError
 from flowtext.nn import FlowOutput, FlowTransformer, FlowTransformerConfig, KVCache
 from flowtext.nn.layers import LowRankModulation
 
-TINY = dict(
-    vocab_size=11,
-    max_len=24,
-    d_model=32,
-    n_layers=2,
-    n_heads=4,
-    d_embed=8,
-    cond_dim=16,
-    cond_rank=4,
-    attention_backend="sdpa",
-)
+from ._nets import tiny
+
+TINY = tiny(vocab_size=11, max_len=24, n_heads=4)
 ATOL = 1e-10
 
 
@@ -487,6 +479,8 @@ def test_public_api():
     import flowtext.nn as nn_pkg
 
     assert set(nn_pkg.__all__) == {
+        "FlowNetwork",
+        "FlowNetworkConfig",
         "FlowOutput",
         "FlowTransformer",
         "FlowTransformerConfig",

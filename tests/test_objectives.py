@@ -11,7 +11,6 @@ from hypothesis import strategies as st
 from flowtext import policies, schedules
 from flowtext.attention import LIVE
 from flowtext.errors import ConfigError
-from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.objectives import (
     autoregressive_loss,
     block_grid,
@@ -25,25 +24,11 @@ from flowtext.objectives import (
 )
 from flowtext.solvers import posterior
 
+from ._nets import perturbed_net
+
 
 def tiny_net(seed, vocab=11, max_len=16):
-    torch.manual_seed(seed)
-    cfg = FlowTransformerConfig(
-        vocab_size=vocab,
-        max_len=max_len,
-        d_model=32,
-        n_layers=2,
-        n_heads=2,
-        d_embed=8,
-        cond_dim=16,
-        cond_rank=4,
-        attention_backend="sdpa",
-    )
-    net = FlowTransformer(cfg).double().eval()
-    with torch.no_grad():  # non-trivial conditioning (zero-initialised gates would hide bugs)
-        for p in net.parameters():
-            p.add_(0.05 * torch.randn_like(p))
-    return net
+    return perturbed_net(seed, 0.05, vocab_size=vocab, max_len=max_len)
 
 
 def ar_loop(net, tokens):

@@ -18,6 +18,8 @@ __all__ = ["plot_maturity", "plot_policy_comparison"]
 
 
 def _labels(result: GenerationResult, row: int, tokenizer: Any) -> list[str]:
+    if result.canvas is None:
+        raise ConfigError("the result holds no canvas: plot the result of generate")
     ids = result.canvas[row].tolist()
     out = []
     for i in ids:

@@ -243,14 +243,15 @@ def step(dec: Decoder, s: DecodeState) -> DecodeState:
         idx, valid, view_z, view_t = _pack(awake, s.z, s.t, fill=(0.0, 1.0))
         logits, difficulty, s = evaluate(dec, s, view_z, view_t, idx, valid)
         own = Evaluation(logits, difficulty, idx, valid)
-        view = replace(view, evaluation=next_token_evaluation(dec, s, own))
+        ev = next_token_evaluation(dec, s, own)
+        view = replace(view, evaluation=ev)
         target = dec.settings.policy.next_times(view)
         committing = awake & (target == 0)
         moving = awake & (target > 0) & (target < s.t)
         start = moving & (s.t == 1)  # leaving t = 1: their z was never read; draw it now
         if bool(start.any()):
             s = replace(s, z=torch.where(start[..., None], dec.noise.normal(s.z, start), s.z))
-        ids = draw(dec, s, view.evaluation, committing)
+        ids = draw(dec, s, ev, committing)
         s = move(dec, s, own, moving, target)
         if ids is not None:
             s = commit(dec, s, committing, ids)
@@ -306,6 +307,7 @@ def evaluate(
 
 def _forward_with_commits(net, s: DecodeState, z, t, o, pos, readout) -> tuple[Tensor, ...]:
     """Queries' logits and difficulty, and the pending token ``readout``'s logits ``[B, V]``."""
+    assert s.pending is not None, "called only with pending commits"
     pz, po, ppos = s.pending
     n = pz.shape[1]
     zeros = torch.zeros(po.shape, dtype=t.dtype, device=t.device)
@@ -351,7 +353,7 @@ def _in_order(dec: Decoder, s: DecodeState, f: Tensor) -> Tensor:
 def _keep_next(s: DecodeState, logits: Tensor, pos: Tensor) -> DecodeState:
     """Store the readout ``logits [B, V]`` of rows whose ``pos [B]`` is ``>= 0``."""
     found = pos >= 0
-    if s.next_logits is not None:
+    if s.next_logits is not None and s.next_pos is not None:  # always set together
         logits = torch.where(found[:, None], logits, s.next_logits)
         pos = torch.where(found, pos, s.next_pos)
     return replace(s, next_logits=logits, next_pos=pos)
@@ -373,7 +375,7 @@ def next_token_evaluation(dec: Decoder, s: DecodeState, ev: Evaluation) -> Evalu
     Returns:
         The evaluation to commit from.
     """
-    if s.next_logits is None:
+    if s.next_logits is None or s.next_pos is None:
         return ev
     f = _frontier(s)
     ok = (s.next_pos >= 0) & (s.next_pos == _predecessor(dec, s)) & _in_order(dec, s, f)

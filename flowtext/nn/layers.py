@@ -103,7 +103,7 @@ class TimeEmbedding(nn.Module):
 
     def forward(self, t: Tensor) -> Tensor:
         """Embed times ``t`` ``[B, L]`` into ``[B, L, dim]``."""
-        return self.mlp(time_features(t.to(self.mlp[0].weight.dtype), self.dim))
+        return self.mlp(time_features(t.to(next(self.mlp.parameters()).dtype), self.dim))
 
 
 class LowRankModulation(nn.Module):

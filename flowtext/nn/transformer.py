@@ -346,7 +346,8 @@ class FlowTransformer(nn.Module):
         self._check_commit_orders(cache, o)
         t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
         _, kv = self._trunk(z, t, o, positions, cache)
-        positions = self._positions(positions, *o.shape, cache.length, o.device)
+        b, n = o.shape
+        positions = self._positions(positions, b, n, cache.length, o.device)
         return cache.append(kv, o, positions)
 
     # ------------------------------------------------------------------ internals
