@@ -167,7 +167,7 @@ def test_a_short_fit_lowers_the_evo_losses(model_dirs, bpe):
             ]
 
     before = bounds()
-    opt = torch.optim.AdamW(lm.parameters(), lr=3e-3)
+    opt = torch.optim.AdamW(lm.parameters(), lr=1e-3)
     for _ in range(25):
         loss, _ = lm.training_loss(batch)
         opt.zero_grad()
