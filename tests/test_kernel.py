@@ -345,7 +345,10 @@ def ideal_classes(mask, block_m, block_n):
 def layouts(gen, length):
     """Named (t, o, lq) layouts: dense, causal, block-causal, two-stream, Evo, cached decoding."""
     half = length // 2
-    two_t, two_o = two_stream(gen, 1, half, 16)
+    # streams of whole 16-token tiles: with the token-causal clean stream, a tile of clean
+    # queries past the first is fully visible on the earlier clean keys
+    two_half = -(-half // 16) * 16
+    two_t, two_o = two_stream(gen, 1, two_half, 16)
     two_t[two_t == 1.0] = 0.5  # every noisy token informative: noisy blocks fully visible
     evo_t, evo_o = single_stream(
         gen, 1, length, p_committed=0.5, p_one=0.1, n_orders=8, live_groups=False
@@ -357,7 +360,7 @@ def layouts(gen, length):
         "dense": (torch.full((1, length), 0.5), torch.zeros(1, length, dtype=torch.long), length),
         "causal": (torch.zeros(1, length), torch.arange(length)[None], length),
         "block-causal": (torch.zeros(1, length), torch.arange(length)[None] // 32, length),
-        "two-stream": (two_t, two_o, 2 * half),
+        "two-stream": (two_t, two_o, 2 * two_half),
         "evo": (evo_t, evo_o, length),
         "decode": (dec_t, dec_o, 16),
     }

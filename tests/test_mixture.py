@@ -223,7 +223,9 @@ def test_monte_carlo_mean_matches_numerical_integration(seed, t, frac):
     n = 20_000
     xi = torch.randn(n, 1, generator=torch.Generator().manual_seed(seed), dtype=F64)
     draws = one_token_kl(logits, table, x, delta, xi)
-    assert abs(draws.mean() - ref) < 5 * draws.std() / math.sqrt(n) + 1e-9
+    # Monte Carlo error, plus the reference quadrature's own (relative ~1e-6) error: some cases
+    # have an almost deterministic estimator, whose standard error is below the quadrature's
+    assert abs(draws.mean() - ref) < 5 * draws.std() / math.sqrt(n) + 1e-5 * abs(ref) + 1e-9
 
 
 def test_dropping_the_xi_term_or_the_half_is_detected():
