@@ -162,7 +162,8 @@ def test_small_gaps_give_the_gaussian_mean_kl_to_first_order(seed):
         errs.append(abs(kl - 0.5 * d * sq).item())
     assert abs(ratios[-1] - 1) < 0.05 and abs(ratios[-1] - 1) < abs(ratios[0] - 1) / 8
     orders = [math.log2(errs[i] / errs[i + 1]) for i in range(len(errs) - 1)]
-    assert all(1.8 < p < 2.2 for p in orders), orders
+    # second order asymptotically: the observed order tends to 2 (higher terms fade as Delta halves)
+    assert all(1.6 < p < 2.5 for p in orders) and abs(orders[-1] - 2) < 0.15, orders
 
 
 def dense_normal_1d(n=20_001, width=10.0):
