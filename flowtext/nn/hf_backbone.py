@@ -37,7 +37,6 @@ is downloaded: models load from a local directory (``local_files_only``).
 
 from __future__ import annotations
 
-import math
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -47,7 +46,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowtext.attention import visibility_mask
-from flowtext.errors import ConfigError, DataError, ShapeError
+from flowtext.errors import ConfigError, ShapeError
+from flowtext.nn.latents import LatentTable
 from flowtext.nn.layers import LowRankModulation, TimeEmbedding
 from flowtext.nn.transformer import FlowOutput
 from flowtext.visibility import check_times
@@ -217,17 +217,13 @@ def _visibility_attention(
     return out.transpose(1, 2).contiguous(), None
 
 
-def _is_int(x: Tensor) -> bool:
-    return not x.is_floating_point() and not x.is_complex() and x.dtype != torch.bool
-
-
 def _first_id(value: Any) -> int | None:
     if isinstance(value, (list, tuple)):
         value = value[0] if value else None
     return value if isinstance(value, int) else None
 
 
-class PretrainedBackbone(nn.Module):
+class PretrainedBackbone(LatentTable, nn.Module):
     """A Hugging Face causal LM's trunk as the time-conditioned flow denoiser.
 
     Build one with :meth:`from_pretrained` (a local model directory) or :meth:`from_config`
@@ -390,34 +386,6 @@ class PretrainedBackbone(nn.Module):
         return base.h if self._learned_positions else base.layers
 
     # ------------------------------------------------------------------ embeddings
-
-    def embedding_table(self) -> Tensor:
-        """All latents ``e(v)``, ``[V, d_embed]``, each of norm ``sqrt(d_embed)``."""
-        return math.sqrt(self.config.d_embed) * F.normalize(self.embedding, dim=-1)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        """Latents ``e(x)`` ``[B, L, d_embed]`` of token ids ``[B, L]`` in ``[0, V)``.
-
-        Raises:
-            ShapeError: ``tokens`` is not an integer tensor.
-            DataError: An id outside ``[0, vocab_size)``.
-        """
-        if not isinstance(tokens, Tensor) or not _is_int(tokens):
-            raise ShapeError(f"tokens must be an integer tensor [B, L], got {tokens!r:.80}")
-        v = self.config.vocab_size
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
-            raise DataError(
-                f"token ids must lie in [0, vocab_size={v}); got range "
-                f"[{tokens.min().item()}, {tokens.max().item()}]"
-            )
-        return F.embedding(tokens, self.embedding_table())
-
-    def x0_hat(self, logits: Tensor) -> Tensor:
-        """Mean latent ``sum_v softmax(logits)_v e(v)``: ``[..., V] -> [..., d_embed]``."""
-        if not isinstance(logits, Tensor) or logits.shape[-1:] != (self.config.vocab_size,):
-            raise ShapeError(f"logits must end in vocab_size={self.config.vocab_size}")
-        table = self.embedding_table()
-        return torch.softmax(logits, dim=-1).to(table.dtype) @ table
 
     # ------------------------------------------------------------------ forward / cache
 

@@ -20,9 +20,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtext.errors import DataError, ShapeError, TimeRangeError
+from flowtext.errors import ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
+from flowtext.nn.latents import LatentTable, _describe, _is_int
 from flowtext.nn.layers import Block, LowRankModulation, TimeEmbedding, modulate, rotary
 from flowtext.visibility import LIVE, check_times
 
@@ -69,17 +70,7 @@ class FlowOutput:
         return self._difficulty
 
 
-def _describe(x: object) -> str:
-    if isinstance(x, Tensor):
-        return f"tensor of shape {tuple(x.shape)} and dtype {x.dtype}"
-    return type(x).__name__
-
-
-def _is_int(x: Tensor) -> bool:
-    return not torch.is_floating_point(x) and not torch.is_complex(x) and x.dtype != torch.bool
-
-
-class FlowTransformer(nn.Module):
+class FlowTransformer(LatentTable, nn.Module):
     """Compact Transformer with per-token time conditioning, the shared denoiser of flowtext.
 
     Every token ``i`` carries a latent ``z_i`` ``[d_embed]``, a progression time ``t_i`` in
@@ -139,49 +130,6 @@ class FlowTransformer(nn.Module):
                 module.reset_parameters()
 
     # ------------------------------------------------------------------ embeddings
-
-    def embedding_table(self) -> Tensor:
-        """All embeddings ``e(v)``, ``[V, d_embed]``, each of norm ``sqrt(d_embed)``."""
-        return math.sqrt(self.config.d_embed) * F.normalize(self.embedding, dim=-1)
-
-    def embed(self, tokens: Tensor) -> Tensor:
-        """Embeddings ``e(x)`` of token ids, at fixed norm ``sqrt(d_embed)`` (unit RMS).
-
-        Args:
-            tokens: Token ids ``[B, L]`` (integer) in ``[0, vocab_size)``.
-
-        Returns:
-            ``[B, L, d_embed]``.
-
-        Raises:
-            ShapeError: ``tokens`` is not an integer tensor.
-            DataError: An id lies outside ``[0, vocab_size)``.
-        """
-        if not isinstance(tokens, Tensor) or not _is_int(tokens):
-            raise ShapeError(f"tokens must be an integer tensor [B, L], got {_describe(tokens)}")
-        v = self.config.vocab_size
-        if tokens.numel() and (tokens.min() < 0 or tokens.max() >= v):
-            raise DataError(
-                f"token ids must lie in [0, vocab_size={v}); got range "
-                f"[{tokens.min().item()}, {tokens.max().item()}]"
-            )
-        return F.embedding(tokens, self.embedding_table())
-
-    def x0_hat(self, logits: Tensor) -> Tensor:
-        """Expected clean embedding ``sum_v softmax(logits)_v e(v)`` (theory §1).
-
-        Args:
-            logits: ``[..., V]``.
-
-        Returns:
-            ``[..., d_embed]``, a convex combination of the embeddings (norm ``<= sqrt(d_embed)``).
-        """
-        if not isinstance(logits, Tensor) or logits.shape[-1:] != (self.config.vocab_size,):
-            raise ShapeError(
-                f"logits must end in vocab_size={self.config.vocab_size}, got {_describe(logits)}"
-            )
-        table = self.embedding_table()
-        return torch.softmax(logits, dim=-1).to(table.dtype) @ table
 
     # ------------------------------------------------------------------ forward / cache
 
