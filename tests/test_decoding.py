@@ -254,16 +254,15 @@ def test_eos_stops_each_row_on_its_own(use_cache):
         assert eos not in row
 
 
-# -------------------------------------------------------------------------------- adaptive
-class OneHotStub(nn.Module):
-    """A network whose readout is certain about the leftmost live token, uniform elsewhere."""
+class Wrapped(nn.Module):
+    """A network around ``net``: its latents, cache and commits, and no ``commit_forward``.
+
+    Subclasses give ``forward``; without ``embedding_table`` the decoder reads no table.
+    """
 
     def __init__(self, net):
         super().__init__()
-        self.inner = net
-        self.config = net.config
-        self.calls = 0
-        self.raise_at = None
+        self.inner, self.config = net, net.config
 
     def embed(self, tokens):
         return self.inner.embed(tokens)
@@ -276,6 +275,16 @@ class OneHotStub(nn.Module):
 
     def commit(self, cache, z, o, positions):
         return self.inner.commit(cache, z, o, positions)
+
+
+# -------------------------------------------------------------------------------- adaptive
+class OneHotStub(Wrapped):
+    """A network whose readout is certain about the leftmost live token, uniform elsewhere."""
+
+    def __init__(self, net):
+        super().__init__(net)
+        self.calls = 0
+        self.raise_at = None
 
     def forward(self, z, t, o, positions=None, cache=None):
         self.calls += 1
@@ -605,27 +614,11 @@ def test_layers_point_down_at_import_time():
 
 
 # ------------------------------------------------------------------ the next-token readout
-class NoFusedCommit(nn.Module):
+class NoFusedCommit(Wrapped):
     """The network without ``commit_forward``: the decoder commits, then evaluates."""
-
-    def __init__(self, net):
-        super().__init__()
-        self.inner, self.config = net, net.config
-
-    def embed(self, tokens):
-        return self.inner.embed(tokens)
 
     def embedding_table(self):
         return self.inner.embedding_table()
-
-    def x0_hat(self, logits):
-        return self.inner.x0_hat(logits)
-
-    def new_cache(self, b, **kw):
-        return self.inner.new_cache(b, **kw)
-
-    def commit(self, cache, z, o, positions):
-        return self.inner.commit(cache, z, o, positions)
 
     def forward(self, z, t, o, positions=None, cache=None):
         return self.inner(z, t, o, positions=positions, cache=cache)
