@@ -248,24 +248,13 @@ def test_cache_is_exact(case):
         assert before.length + pos.shape[1] == cache.length  # the old cache is untouched
     assert cache.length == sum(sizes)
 
-    out = MODEL(
-        gather_tokens(z, live_pos),
-        gather_tokens(t, live_pos),
-        gather_tokens(o, live_pos),
-        positions=live_pos,
-        cache=cache,
-    )
+    live = [gather_tokens(x, live_pos) for x in (z, t, o)]
+    out = MODEL(*live, positions=live_pos, cache=cache)
     torch.testing.assert_close(out.logits, gather_tokens(full.logits, live_pos), atol=ATOL, rtol=0)
     torch.testing.assert_close(
         out.difficulty, gather_tokens(full.difficulty, live_pos), atol=ATOL, rtol=0
     )
-    again = MODEL(
-        gather_tokens(z, live_pos),
-        gather_tokens(t, live_pos),
-        gather_tokens(o, live_pos),
-        positions=live_pos,
-        cache=cache,
-    )
+    again = MODEL(*live, positions=live_pos, cache=cache)
     assert torch.equal(again.logits, out.logits)  # forward does not modify the cache
 
 

@@ -28,6 +28,13 @@ def valid_steps(policy, length, mult):
     return mult
 
 
+def built(key, length, mult):
+    """The policy of ``key``, a valid step count for ``length`` and its float64 grid."""
+    policy = build(key)
+    steps = valid_steps(policy, length, mult)
+    return policy, steps, policy.grid(length, steps, dtype=torch.float64)
+
+
 def test_registry_has_required_policies():
     assert {"synchronous", "autoregressive", "block", "diagonal"} <= set(policies.names())
     assert all(
@@ -39,9 +46,7 @@ def test_registry_has_required_policies():
 @pytest.mark.parametrize("key", list(STATIC))
 @given(length=st.integers(1, 24), mult=st.integers(1, 5))
 def test_grid_contract(key, length, mult):
-    policy = build(key)
-    steps = valid_steps(policy, length, mult)
-    g = policy.grid(length, steps, dtype=torch.float64)
+    _, steps, g = built(key, length, mult)
     assert g.shape == (steps + 1, length)
     assert bool((g[0] == 1).all()) and bool((g[-1] == 0).all())
     assert bool(((g >= 0) & (g <= 1)).all())
@@ -167,9 +172,7 @@ def test_every_policy_moves_only_awake_tokens_and_never_back(policy, seed):
 @pytest.mark.parametrize("key", list(STATIC))
 @given(length=st.integers(1, 12), mult=st.integers(1, 3))
 def test_static_next_times_read_the_grid(key, length, mult):
-    policy = build(key)
-    steps = valid_steps(policy, length, mult)
-    grid = policy.grid(length, steps, dtype=torch.float64)
+    policy, steps, grid = built(key, length, mult)
     plan = policy.plan(length, steps, dtype=torch.float64, device=None)
     assert torch.equal(plan, grid)
     t = grid[0][None].clone()
