@@ -9,6 +9,7 @@ from hypothesis import strategies as st
 from flowtext.attention import (
     LIVE,
     all_visible,
+    attention,
     sdpa_attention,
     two_stream_layout,
     visibility_mask,
@@ -123,3 +124,108 @@ def test_two_stream_clean_stream_is_causal_and_noisy_blocks_see_earlier_blocks(b
     earlier = ids[0][:, None] > ids[0][None, :]
     assert torch.equal(mask[n:, :n], earlier)
     assert torch.equal(mask[n:, n:], same_block)
+
+
+# ------------------------------------------------------------------ plans reused across layers
+
+
+def _run(net, kind):
+    """Outputs and parameter gradients of one forward + backward of ``net`` on layout ``kind``."""
+    gen = torch.Generator().manual_seed(1)
+    b, n = 2, 8
+    z = torch.randn(b, n, 8, generator=gen, dtype=torch.float64)
+    net.zero_grad(set_to_none=True)
+    if kind == "cached":
+        cache = net.commit(
+            net.new_cache(b), z[:, :3], torch.arange(3).expand(b, 3), torch.arange(3)
+        )
+        t = torch.rand(b, n - 3, generator=gen, dtype=torch.float64)
+        out = net(z[:, 3:], t, torch.full((b, n - 3), LIVE), torch.arange(3, n), cache)
+    elif kind == "two-stream":
+        t, o = two_stream_layout((torch.arange(n) // 3).expand(b, n), torch.full((b, n), 0.5))
+        out = net(torch.cat([z, z], 1), t.double(), o, torch.arange(n).repeat(2))
+    else:  # causal (a clean stream), dense (diffusion) or mixed (Evo-like)
+        t = {"causal": 0.0, "dense": 0.5}.get(kind)
+        t = (
+            torch.rand(b, n, generator=gen, dtype=torch.float64)
+            if t is None
+            else torch.full((b, n), t)
+        )
+        t[:, :2] = 0.0 if kind == "mixed" else t[:, :2]
+        o = torch.where(t == 0, torch.arange(n), LIVE)
+        out = net(z, t, o)
+    (out.logits.square().mean() + out.hidden.mean()).backward()
+    return out.logits.detach(), [p.grad.clone() for p in net.parameters() if p.grad is not None]
+
+
+@pytest.mark.parametrize("kind", ["dense", "causal", "mixed", "two-stream", "cached"])
+def test_one_plan_per_forward_gives_the_per_layer_results(monkeypatch, kind):
+    """The model builds its SDPA layout once per forward; per-layer building gives equal bits."""
+    import flowtext.attention as A
+    import flowtext.attention.reference as R
+    import flowtext.nn.transformer as T
+    from tests._nets import perturbed_net
+
+    net = perturbed_net(n_layers=3)
+    builds = []
+    original = R.sdpa_layout
+    for module in (A, R):  # the plan's build, and the per-call build of sdpa_attention
+        monkeypatch.setattr(module, "sdpa_layout", lambda *a: builds.append(1) or original(*a))
+    shared = _run(net, kind)
+    forwards = 2 if kind == "cached" else 1  # commit + forward
+    assert len(builds) == forwards
+    monkeypatch.setattr(T, "plan_attention", lambda *a, **k: None)  # every layer builds its own
+    builds.clear()
+    per_layer = _run(net, kind)
+    assert len(builds) == 3 * forwards
+    assert torch.equal(shared[0], per_layer[0])
+    assert len(shared[1]) == len(per_layer[1]) > 0
+    assert all(torch.equal(a, b) for a, b in zip(shared[1], per_layer[1]))
+
+
+def test_sdpa_layout_kinds_and_reuse_match_the_mask():
+    """``sdpa_layout`` picks dense / causal / mask as the dense mask says, and reuse is exact."""
+    from flowtext.attention import plan_attention, sdpa_layout
+
+    n = 6
+    cases = {
+        "causal": (torch.zeros(2, n), torch.arange(n).expand(2, n)),
+        "dense": (torch.full((2, n), 0.5), torch.zeros(2, n, dtype=torch.long)),
+        "mask": layout(3, 2, n, 0.3, 0.2, 3),
+    }
+    q, k, v = torch.randn(3, 2, 2, n, 4).unbind(0)
+    for kind, (t, o) in cases.items():
+        got = sdpa_layout(t, o, t, o)
+        mask = visibility_mask(t, o, t, o)
+        assert got.kind == kind
+        assert bool(mask.all()) == (kind == "dense")
+        assert torch.equal(mask, torch.ones(n, n).tril().bool().expand_as(mask)) == (
+            kind == "causal"
+        )
+        assert got.mask is None if kind != "mask" else torch.equal(got.mask[:, 0], mask)
+        plan = plan_attention(t, o, t, o, backend="sdpa")
+        ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+        torch.testing.assert_close(attention(q, k, v, t, o, t, o, backend="sdpa", plan=plan), ref)
+
+
+def test_plans_are_refused_for_other_vectors_or_backends():
+    from flowtext.attention import plan_attention
+    from flowtext.errors import ConfigError
+
+    t, o = layout(0, 1, 5, 0.3, 0.2, 2)
+    q = torch.randn(1, 1, 5, 4)
+    plan = plan_attention(t, o, t, o, backend="sdpa")
+    assert attention(q, q, q, t, o, t, o, backend="sdpa", plan=plan).shape == q.shape
+    with pytest.raises(ConfigError, match="plan_attention"):
+        attention(q, q, q, t, o, t, o.clone(), backend="sdpa", plan=plan)
+    o.add_(0)  # an in-place change: the plan is stale
+    with pytest.raises(ConfigError, match="plan_attention"):
+        attention(q, q, q, t, o, t, o, backend="sdpa", plan=plan)
+    with pytest.raises(ConfigError, match="AttentionPlan"):
+        attention(q, q, q, t, o, t, o, backend="sdpa", plan="yes")
+    fresh = plan_attention(t, o, t, o, backend="auto")  # CPU tensors: resolves to SDPA
+    assert fresh.backend == "sdpa"
+    with pytest.raises(ConfigError, match="backend"):
+        attention(q, q, q, t, o, t, o, backend="triton", plan=fresh)
+    with pytest.raises(ConfigError, match="unknown attention backend"):
+        plan_attention(t, o, t, o, backend="flash")

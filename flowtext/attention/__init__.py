@@ -3,15 +3,22 @@
 One entry point, :func:`attention`, takes per-token times and orders and dispatches to a backend:
 ``"sdpa"`` (dense mask + PyTorch SDPA, the reference) or ``"triton"`` (the fused kernel of
 :mod:`flowtext.kernels`). ``"auto"`` picks the kernel on CUDA and SDPA elsewhere.
+:func:`plan_attention` does the token-vector work of a backend once, for every layer of a forward
+pass to reuse.
 """
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+from dataclasses import dataclass
+from typing import Any, Literal, get_args
+
+import torch
 
 from flowtext.attention.reference import (
+    SdpaLayout,
     all_visible,
     sdpa_attention,
+    sdpa_layout,
     two_stream_layout,
     visibility_mask,
 )
@@ -21,11 +28,15 @@ from flowtext.visibility import LIVE, check_times
 __all__ = [
     "BACKENDS",
     "LIVE",
+    "AttentionPlan",
     "Backend",
+    "SdpaLayout",
     "all_visible",
     "attention",
     "check_times",
+    "plan_attention",
     "sdpa_attention",
+    "sdpa_layout",
     "two_stream_layout",
     "visibility_mask",
 ]
@@ -35,7 +46,96 @@ Backend = Literal["auto", "sdpa", "triton"]
 BACKENDS: tuple[str, ...] = get_args(Backend)
 
 
-def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=None):
+@dataclass(frozen=True, eq=False)
+class AttentionPlan:
+    """The token-vector work of one forward pass, done once and reused by every layer.
+
+    Every layer attends with the same ``(t_q, o_q, t_k, o_k)``; what a backend derives from them
+    (SDPA: the fast-path checks and the dense mask; the kernel: its tile summaries, value checks
+    and autotuning key) is built once by :func:`plan_attention`. A plan is refused for other
+    token vectors, or after they were modified in place.
+
+    Attributes:
+        backend: The resolved backend, ``"sdpa"`` or ``"triton"``.
+        sdpa: The :class:`SdpaLayout` (SDPA backend), else ``None``.
+        summaries: The kernel's :class:`~flowtext.kernels.TileSummaries` (Triton backend), else
+            ``None``.
+        sources: Identity of the token vectors it was built from (storage, shape, version).
+    """
+
+    backend: str
+    sdpa: SdpaLayout | None
+    summaries: Any
+    sources: tuple
+
+
+def _resolve(backend: str, cuda: bool) -> str:
+    if backend not in BACKENDS:
+        raise ConfigError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
+    return "triton" if backend == "triton" or (backend == "auto" and cuda) else "sdpa"
+
+
+def _sources(*tensors: torch.Tensor) -> tuple:
+    return tuple((x.data_ptr(), tuple(x.shape), x.dtype, x._version) for x in tensors)
+
+
+def plan_attention(
+    t_q: torch.Tensor,
+    o_q: torch.Tensor,
+    t_k: torch.Tensor,
+    o_k: torch.Tensor,
+    *,
+    backend: str = "auto",
+) -> AttentionPlan:
+    """Build what every :func:`attention` call with these token vectors reuses.
+
+    Args:
+        t_q: Query times ``[B, Lq]`` in ``[0, 1]``.
+        o_q: Query orders ``[B, Lq]``.
+        t_k: Key times ``[B, Lk]``.
+        o_k: Key orders ``[B, Lk]``.
+        backend: As for :func:`attention` (``"auto"`` resolves on the device of ``t_q``).
+
+    Returns:
+        An :class:`AttentionPlan` to pass as ``attention(..., plan=)``.
+
+    Raises:
+        ConfigError: An unknown backend.
+        ShapeError: Mismatched shapes (and, for the kernel, the checks of
+            :func:`~flowtext.kernels.tile_summaries`).
+    """
+    resolved = _resolve(backend, t_q.is_cuda)
+    sources = _sources(t_q, o_q, t_k, o_k)
+    if resolved == "triton":
+        from flowtext import kernels  # imports Triton only when used
+
+        return AttentionPlan(resolved, None, kernels.tile_summaries(t_q, o_q, t_k, o_k), sources)
+    return AttentionPlan(resolved, sdpa_layout(t_q, o_q, t_k, o_k), None, sources)
+
+
+def _check_plan(plan, backend: str, t_q, o_q, t_k, o_k) -> None:
+    if not isinstance(plan, AttentionPlan):
+        raise ConfigError(f"plan must be an AttentionPlan; got {type(plan).__name__}")
+    if plan.backend != backend:
+        raise ConfigError(f"plan was built for backend {plan.backend!r}, not {backend!r}")
+    if not torch.compiler.is_compiling() and plan.sources != _sources(t_q, o_q, t_k, o_k):
+        raise ConfigError(
+            "plan was built from other (or since modified) t_q, o_q, t_k, o_k; build it with "
+            "plan_attention(t_q, o_q, t_k, o_k) from the tensors passed here"
+        )
+
+
+def _kernel(q, k, v, t_q, o_q, t_k, o_k, summaries):
+    from flowtext.kernels import visibility_attention  # imports Triton only when used
+
+    return visibility_attention(q, k, v, t_q, o_q, t_k, o_k, summaries=summaries)
+
+
+_kernel_outside_compile = torch.compiler.disable(_kernel)
+"""Under ``torch.compile`` the kernel runs eagerly (a graph break), as its own autograd Function."""
+
+
+def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=None, plan=None):
     """Visibility-masked attention, ``[B, H, Lq, D]`` from queries/keys/values and token vectors.
 
     Args:
@@ -49,14 +149,20 @@ def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=N
         backend: ``"auto"``, ``"sdpa"`` or ``"triton"``.
         summaries: Optional :func:`flowtext.kernels.tile_summaries` of these token vectors,
             reused by the kernel across layers (ignored by SDPA).
+        plan: Optional :func:`plan_attention` of these token vectors and this backend, reused
+            across layers (for either backend; its summaries take the place of ``summaries``).
 
     Returns:
         Attention output ``[B, H, Lq, D]``.
-    """
-    if backend not in BACKENDS:
-        raise ConfigError(f"unknown attention backend {backend!r}; valid: {', '.join(BACKENDS)}")
-    if backend == "triton" or (backend == "auto" and q.is_cuda):
-        from flowtext.kernels import visibility_attention  # imports Triton only when used
 
-        return visibility_attention(q, k, v, t_q, o_q, t_k, o_k, summaries=summaries)
-    return sdpa_attention(q, k, v, t_q, o_q, t_k, o_k)
+    Raises:
+        ConfigError: An unknown backend, or a plan built for another backend or other vectors.
+    """
+    resolved = _resolve(backend, q.is_cuda)
+    if plan is not None:
+        _check_plan(plan, resolved, t_q, o_q, t_k, o_k)
+        summaries = plan.summaries
+    if resolved == "triton":
+        run = _kernel_outside_compile if torch.compiler.is_compiling() else _kernel
+        return run(q, k, v, t_q, o_q, t_k, o_k, summaries)
+    return sdpa_attention(q, k, v, t_q, o_q, t_k, o_k, layout=plan.sdpa if plan else None)

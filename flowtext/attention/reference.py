@@ -24,6 +24,8 @@ a ``2L`` sequence (see :func:`two_stream_layout`).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import torch
 import torch.nn.functional as F
 
@@ -69,6 +71,22 @@ def visibility_mask(
     return committed_key | live_key | (idx_q == idx_k)
 
 
+def _all_visible_flag(t_q, o_q, t_k, o_k) -> torch.Tensor:
+    """:func:`all_visible` as a 0-d bool tensor (no device sync)."""
+    if t_k.shape[1] == 0:
+        return torch.zeros((), dtype=torch.bool, device=t_k.device)
+    group = o_k[:, :1]
+    ok = (o_q == group).all() & (o_k == group).all() & (t_q > 0).all()
+    return ok & (t_k > 0).all() & (t_k < 1).all()
+
+
+def _causal_flag(t_q, o_q, t_k, o_k) -> torch.Tensor:
+    """:func:`is_causal` as a 0-d bool tensor (no device sync)."""
+    if t_q.shape != t_k.shape or t_k.shape[1] == 0:
+        return torch.zeros((), dtype=torch.bool, device=t_k.device)
+    return (t_k == 0).all() & (o_k[:, 1:] > o_k[:, :-1]).all()
+
+
 def all_visible(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor) -> bool:
     """Whether every query sees every key (so attention needs no mask at all).
 
@@ -86,12 +104,7 @@ def all_visible(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: to
         ``True`` if :func:`visibility_mask` would be all ``True`` by rule 3 (one device sync).
     """
     _check_layout(t_q, o_q, t_k, o_k)
-    if t_k.shape[1] == 0:
-        return False
-    group = o_k[:, :1]
-    ok = (o_q == group).all() & (o_k == group).all() & (t_q > 0).all()
-    ok = ok & (t_k > 0).all() & (t_k < 1).all()
-    return bool(ok)
+    return bool(_all_visible_flag(t_q, o_q, t_k, o_k))
 
 
 def two_stream_layout(
@@ -143,10 +156,47 @@ def is_causal(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torc
         ``True`` if :func:`visibility_mask` is ``tril`` (one device sync).
     """
     _check_layout(t_q, o_q, t_k, o_k)
-    if t_q.shape != t_k.shape or t_k.shape[1] == 0:
-        return False
-    ok = (t_k == 0).all() & (o_k[:, 1:] > o_k[:, :-1]).all()
-    return bool(ok)
+    return bool(_causal_flag(t_q, o_q, t_k, o_k))
+
+
+@dataclass(frozen=True, eq=False)
+class SdpaLayout:
+    """How SDPA attends under one set of token vectors: built once, reused by every layer.
+
+    Attributes:
+        kind: ``"dense"`` (every pair visible: no mask, fused kernels), ``"causal"`` (the plain
+            causal mask, ``is_causal=True``) or ``"mask"`` (the dense boolean mask).
+        mask: The mask ``[B, 1, Lq, Lk]`` for ``"mask"``, else ``None``.
+    """
+
+    kind: str
+    mask: torch.Tensor | None = None
+
+
+def sdpa_layout(
+    t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor
+) -> SdpaLayout:
+    """Classify the token vectors for SDPA (:func:`all_visible`, then :func:`is_causal`).
+
+    Both checks share one device sync; the dense mask is built only when neither holds.
+
+    Args:
+        t_q: Query times ``[B, Lq]``.
+        o_q: Query orders ``[B, Lq]``.
+        t_k: Key times ``[B, Lk]``.
+        o_k: Key orders ``[B, Lk]``.
+
+    Returns:
+        The :class:`SdpaLayout` for :func:`sdpa_attention`.
+    """
+    _check_layout(t_q, o_q, t_k, o_k)
+    args = (t_q, o_q, t_k, o_k)
+    dense, causal = torch.stack([_all_visible_flag(*args), _causal_flag(*args)]).tolist()
+    if dense:  # e.g. the diffusion single stream: no mask, fast kernels
+        return SdpaLayout("dense")
+    if causal:  # the autoregressive stream: a plain causal mask
+        return SdpaLayout("causal")
+    return SdpaLayout("mask", visibility_mask(t_q, o_q, t_k, o_k)[:, None])
 
 
 def sdpa_attention(
@@ -159,6 +209,7 @@ def sdpa_attention(
     o_k: torch.Tensor,
     *,
     upcast: bool = False,
+    layout: SdpaLayout | None = None,
 ) -> torch.Tensor:
     """Attention under the visibility rules through a dense mask and PyTorch SDPA.
 
@@ -175,6 +226,8 @@ def sdpa_attention(
         t_k: Key times ``[B, Lk]``.
         o_k: Key orders ``[B, Lk]``.
         upcast: Compute in float32 and cast back (the fp32 reference of the kernel tests).
+        layout: The :func:`sdpa_layout` of these token vectors, to reuse across layers
+            (default: built here).
 
     Returns:
         Output ``[B, H, Lq, D]`` in the dtype of ``q``.
@@ -183,10 +236,10 @@ def sdpa_attention(
         mask = visibility_mask(t_q, o_q, t_k, o_k)[:, None]
         out = F.scaled_dot_product_attention(q.float(), k.float(), v.float(), attn_mask=mask)
         return out.to(q.dtype)
-    if all_visible(t_q, o_q, t_k, o_k):  # e.g. the diffusion single stream: no mask, fast kernels
+    if layout is None:
+        layout = sdpa_layout(t_q, o_q, t_k, o_k)
+    if layout.kind == "dense":
         return F.scaled_dot_product_attention(q, k, v)
-    if is_causal(t_q, o_q, t_k, o_k):  # the autoregressive stream: a plain causal mask
+    if layout.kind == "causal":
         return F.scaled_dot_product_attention(q, k, v, is_causal=True)
-    return F.scaled_dot_product_attention(
-        q, k, v, attn_mask=visibility_mask(t_q, o_q, t_k, o_k)[:, None]
-    )
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=layout.mask)

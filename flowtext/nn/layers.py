@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtext.attention import attention
+from flowtext.attention import AttentionPlan, attention
 from flowtext.nn.config import FlowTransformerConfig
 
 __all__ = [
@@ -167,6 +167,7 @@ class SelfAttention(nn.Module):
         t_k: Tensor,
         o_k: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
+        plan: AttentionPlan | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attend from ``x`` ``[B, L, d]``.
 
@@ -178,6 +179,8 @@ class SelfAttention(nn.Module):
             t_k: Times of all keys (cached then given) ``[B, Lc + L]``.
             o_k: Orders of all keys ``[B, Lc + L]``.
             past: Cached ``(K, V)``, each ``[B, H, Lc, Dh]``, or ``None``.
+            plan: The :func:`~flowtext.attention.plan_attention` of ``(t_q, o_q, t_k, o_k)``,
+                built once per forward pass and shared by every layer (``None``: built here).
 
         Returns:
             ``(out [B, L, d], (k, v))`` where ``k, v`` ``[B, H, L, Dh]`` are the given tokens' own
@@ -189,7 +192,7 @@ class SelfAttention(nn.Module):
         k_all, v_all = (k, v)
         if past is not None:
             k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
-        out = attention(q, k_all, v_all, t_q, o_q, t_k, o_k, backend=self.backend)
+        out = attention(q, k_all, v_all, t_q, o_q, t_k, o_k, backend=self.backend, plan=plan)
         return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
 
 
@@ -235,6 +238,7 @@ class Block(nn.Module):
         t_k: Tensor,
         o_k: Tensor,
         past: tuple[Tensor, Tensor] | None = None,
+        plan: AttentionPlan | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Update the residual stream ``x`` ``[B, L, d]``; see :meth:`SelfAttention.forward`.
 
@@ -242,7 +246,7 @@ class Block(nn.Module):
             ``(x, (k, v))``: the new residual stream and the given tokens' keys and values.
         """
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_act)
-        h, kv = self.attn(modulate(x, shift_a, scale_a), rope, t_q, o_q, t_k, o_k, past)
+        h, kv = self.attn(modulate(x, shift_a, scale_a), rope, t_q, o_q, t_k, o_k, past, plan)
         x = torch.addcmul(x, gate_a, self.drop(h))  # x + gate * h in one pass
         x = torch.addcmul(x, gate_m, self.drop(self.mlp(modulate(x, shift_m, scale_m))))
         return x, kv

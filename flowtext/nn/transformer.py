@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from flowtext.attention import plan_attention
 from flowtext.errors import ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
@@ -411,10 +412,12 @@ class FlowTransformer(LatentTable, nn.Module):
         else:
             t_k = torch.cat([t.new_zeros(b, past), t], dim=1)
             o_k = torch.cat([cache.orders, o], dim=1)
+        # the token vectors' attention work (mask or tile summaries), once for every layer
+        plan = plan_attention(t, o, t_k, o_k, backend=self.config.attention_backend)
         kv = []
         for i, block in enumerate(self.blocks):
             layer_past = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_kv = block(x, c_act, rope, t, o, t_k, o_k, layer_past)
+            x, layer_kv = block(x, c_act, rope, t, o, t_k, o_k, layer_past, plan)
             kv.append(layer_kv)
         shift, scale = self.final_modulation(c_act)
         return modulate(x, shift, scale), kv
