@@ -10,7 +10,7 @@ diversity measure (greedy decoding scores best), so every row samples at the sam
 Usage::
 
     python benchmarks/decoding.py --ckpt runs/evo/last.ckpt --length 64
-    python benchmarks/decoding.py --quick        # random-init model, runs in seconds
+    python benchmarks/decoding.py --quick        # random-init evo-tiny network, runs in seconds
 
 Rows: ``ar+cache`` (AR with the exact KV cache, the reference), ``block``, ``diagonal``,
 ``synchronous``, three ``adaptive`` settings, and the cache-less floors ``ar (no cache)`` and
@@ -26,6 +26,7 @@ import time
 from pathlib import Path
 
 import torch
+import yaml
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
@@ -34,6 +35,8 @@ from flowtext.objectives import two_stream_loss  # noqa: E402
 from flowtext.schedules import get as get_schedule  # noqa: E402
 
 LN2 = math.log(2.0)
+EVO_TINY = Path(__file__).resolve().parents[1] / "experiments" / "configs" / "evo-tiny.yaml"
+"""The ``--quick`` model is this config's network (on the byte vocabulary), at random init."""
 
 
 def policies(length: int) -> list[tuple[str, dict]]:
@@ -86,20 +89,13 @@ def build(args):
         prompt = tok.encode(args.prompt)
         bpt = float(getattr(tok, "bytes_per_token", 1.0) or 1.0)
         return lm.net, lm.schedule, prompt, bpt, f"{args.ckpt} ({note})"
+    from flowtext.data import ByteTokenizer
     from flowtext.nn import FlowTransformer, FlowTransformerConfig
 
     torch.manual_seed(0)
-    cfg = FlowTransformerConfig(
-        vocab_size=259,
-        max_len=128,
-        d_model=128,
-        n_layers=4,
-        n_heads=4,
-        d_embed=32,
-        cond_dim=64,
-        cond_rank=8,
-        attention_backend="sdpa",
-    )
+    sizes = yaml.safe_load(EVO_TINY.read_text())["model"]["init_args"]["net"]
+    vocab = ByteTokenizer().vocab_size
+    cfg = FlowTransformerConfig(vocab_size=vocab, attention_backend="sdpa", **sizes)
     net = FlowTransformer(cfg).eval()
     with torch.no_grad():  # a little structure, so the readout is not uniform
         net.readout.weight.mul_(8)
