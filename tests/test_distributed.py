@@ -87,31 +87,16 @@ def test_datamodule_shards_by_trainer_rank():
 def test_ddp_on_two_cpu_processes_equals_one_process_with_accumulation(tmp_path):
     """2 gloo ranks x batch 2 == 1 process x batch 2 x accumulate 2: weights and logged loss."""
     steps = 4
-    common = [
-        "--data.batch_size=2",
-        f"--trainer.max_steps={steps}",
-        "--checkpoint.every_n_train_steps=2",
-    ]
+    common = ["--data.batch_size=2", "--checkpoint.every_n_train_steps=2"]
     dump = tmp_path / "ddp_losses"
-    cmd = [
-        sys.executable,
-        "-m",
-        "flowtext.cli",
-        "fit",
-        "--config",
-        str(ROOT / "experiments" / "configs" / "evo-tiny.yaml"),
-        f"--trainer.default_root_dir={tmp_path / 'ddp'}",
-        *RESUME,
+    _ddp_fit(
+        tmp_path,
+        tmp_path / "ddp",
+        steps,
         *common,
-        "--trainer.strategy=ddp",
-        "--trainer.accelerator=cpu",
-        "--trainer.devices=2",
         "--trainer.callbacks+=tests.test_distributed.MetricDump",
         f"--trainer.callbacks.path={dump}",
-    ]
-    env = {**os.environ, "PYTHONWARNINGS": "ignore", "OMP_NUM_THREADS": "1"}
-    done = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=300)
-    assert done.returncode == 0, done.stderr[-4000:]
+    )
     ddp = torch.load(latest_checkpoint(tmp_path / "ddp"), weights_only=False)
     assert ddp["global_step"] == steps
 
