@@ -44,6 +44,8 @@ class FlowTransformerConfig:
     """Base of the rotary position embedding frequencies."""
     difficulty_detach: bool = True
     """Feed the difficulty head detached features, so its regression does not shape the trunk."""
+    compile: bool = False
+    """Compile each block with ``torch.compile`` (one graph shared by all layers; same weights)."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_embed"):
@@ -73,6 +75,8 @@ class FlowTransformerConfig:
                 f"unknown attention_backend {self.attention_backend!r}; "
                 f"valid: {', '.join(BACKENDS)}"
             )
+        if not isinstance(self.compile, bool):
+            raise ConfigError(f"compile must be a bool, got {self.compile!r}")
         if not self.rope_base > 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base!r}")
 

@@ -110,6 +110,9 @@ class FlowTransformer(LatentTable, nn.Module):
         self.time_in = nn.Linear(c.cond_dim, c.d_model)
         self.drop = nn.Dropout(c.dropout)
         self.blocks = nn.ModuleList(Block(c) for _ in range(c.n_layers))
+        if c.compile:  # regional: the blocks share their code, so one graph serves every layer
+            for block in self.blocks:
+                block.compile()
         self.final_modulation = LowRankModulation(c.cond_dim, c.cond_rank, c.d_model, n_chunks=2)
         self.readout = nn.Linear(c.d_model, c.vocab_size)
         self.difficulty_head = nn.Sequential(
