@@ -24,7 +24,6 @@ from typing import Any
 
 import lightning as L
 import torch
-from lightning.pytorch.cli import OptimizerCallable
 
 from flowtext.data import FlowTextDataModule
 from flowtext.data._hf import load_tokenizer_json
@@ -59,18 +58,10 @@ class AdaptedLM(FlowLM):
         backbone: ``{"hf_config": ..., "adapter": ...}`` from a checkpoint.
         adapter: Sizes of the flow's additions (with ``pretrained``).
         dtype: ``"float32"`` (default), ``"bfloat16"`` or ``"float64"``.
-        schedule: Noise schedule name.
-        schedule_kwargs: Its keyword arguments.
         regime: What to train on (default: Evo's mixture).
-        val_block_size: Block size of the ``block`` validation bound.
-        val_steps_per_block: Steps per block of the validation bounds.
-        val_policies: Validation bounds among ``ar``, ``block`` and ``sync`` (``None``: as
-            :class:`~flowtext.lm.FlowLM` chooses for the regime).
-        bytes_per_token: Mean UTF-8 bytes per token, for bits per byte.
-        optimizer: Optimizer factory.
-        warmup_steps: Linear warm-up steps.
-        max_lr_steps: Cosine decay length (``0``: constant).
-        seed: Seed of the noise and time draws.
+        **kwargs: The other :class:`~flowtext.lm.FlowLM` arguments, as there (``schedule``,
+            ``schedule_kwargs``, ``val_block_size``, ``val_steps_per_block``, ``val_policies``,
+            ``bytes_per_token``, ``optimizer``, ``warmup_steps``, ``max_lr_steps``, ``seed``).
 
     Raises:
         ConfigError: Neither or both of ``pretrained`` and ``backbone``, or a directory that
@@ -83,17 +74,8 @@ class AdaptedLM(FlowLM):
         backbone: dict[str, Any] | None = None,
         adapter: AdapterConfig | dict | None = None,
         dtype: str = "float32",
-        schedule: str = "cosine",
-        schedule_kwargs: dict | None = None,
         regime: TrainingRegime | dict | None = None,
-        val_block_size: int = 8,
-        val_steps_per_block: int = 32,
-        val_policies: list[str] | None = None,
-        bytes_per_token: float = 1.0,
-        optimizer: OptimizerCallable = torch.optim.AdamW,
-        warmup_steps: int = 100,
-        max_lr_steps: int = 0,
-        seed: int = 0,
+        **kwargs: Any,
     ) -> None:
         net = _backbone(pretrained, backbone, adapter, dtype)
         if isinstance(regime, dict):  # from a checkpoint's hyper-parameters
@@ -102,20 +84,8 @@ class AdaptedLM(FlowLM):
             vocab_size=net.config.vocab_size, max_len=net.config.max_len, d_model=4, n_layers=1,
             n_heads=2, d_embed=2, cond_dim=2, cond_rank=1, mlp_ratio=1.0,
         )  # fmt: skip
-        super().__init__(
-            net=stand_in,
-            schedule=schedule,
-            schedule_kwargs=schedule_kwargs,
-            regime=regime if regime is not None else TrainingRegime.evo(),
-            val_block_size=val_block_size,
-            val_steps_per_block=val_steps_per_block,
-            val_policies=val_policies,
-            bytes_per_token=bytes_per_token,
-            optimizer=optimizer,
-            warmup_steps=warmup_steps,
-            max_lr_steps=max_lr_steps,
-            seed=seed,
-        )
+        regime = regime if regime is not None else TrainingRegime.evo()
+        super().__init__(net=stand_in, regime=regime, **kwargs)
         self.net = net
         for key in ("net", "pretrained", "adapter"):
             self.hparams.pop(key, None)
@@ -123,13 +93,8 @@ class AdaptedLM(FlowLM):
 
     def setup(self, stage: str) -> None:
         """Check the data's sequence length and tokenizer against the pretrained model."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(dm, "seq_len", None)
-        if seq_len is not None and seq_len > self.net.config.max_len:
-            raise ConfigError(
-                f"data.seq_len={seq_len} exceeds the pretrained context "
-                f"{self.net.config.max_len}; lower seq_len"
-            )
+        context = f"pretrained context {self.net.config.max_len}"
+        dm = self._checked_datamodule(context, "lower seq_len")
         tokenizer = getattr(dm, "tokenizer", None)
         if tokenizer is not None:
             check_tokenizer(tokenizer, self.net)

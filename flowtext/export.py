@@ -44,10 +44,17 @@ FORMAT = "flowtext-export/1"
 _CLASSES = {"FlowLM": FlowLM, "AdaptedLM": AdaptedLM}
 
 
+def _arguments(cls: type[FlowLM]) -> set[str]:
+    """Constructor arguments of ``cls`` (``**kwargs`` go on to FlowLM's), but the optimizer."""
+    names: set[str] = set()
+    for klass in (cls, FlowLM):
+        names |= set(inspect.signature(klass.__init__).parameters)
+    return names - {"self", "optimizer", "kwargs"}
+
+
 def _plain_hparams(lm: FlowLM) -> dict[str, Any]:
     """The module's constructor arguments that are plain data (what ``config.json`` keeps)."""
-    cls = AdaptedLM if isinstance(lm, AdaptedLM) else FlowLM
-    allowed = set(inspect.signature(cls.__init__).parameters) - {"self", "optimizer"}
+    allowed = _arguments(AdaptedLM if isinstance(lm, AdaptedLM) else FlowLM)
     out = {k: v for k, v in dict(lm.hparams).items() if k in allowed}
     json.dumps(out)  # raises TypeError on anything that is not plain data
     return out
@@ -84,7 +91,7 @@ def export_module(lm: FlowLM, tokenizer: Any, out: str | Path) -> Path:
 
 def _module_from_checkpoint(ckpt: dict[str, Any], path: Path) -> FlowLM:
     hp = dict(ckpt.get("hyper_parameters") or {})
-    allowed = set(inspect.signature(AdaptedLM.__init__).parameters) - {"self", "optimizer"}
+    allowed = _arguments(AdaptedLM)
     try:
         lm = AdaptedLM(**{k: v for k, v in hp.items() if k in allowed})
         lm.load_state_dict(ckpt["state_dict"])

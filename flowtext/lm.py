@@ -23,6 +23,7 @@ import hashlib
 import math
 from collections.abc import Iterator
 from dataclasses import asdict
+from typing import Any
 
 import lightning as L
 import torch
@@ -112,19 +113,27 @@ class FlowLM(L.LightningModule):
     # ------------------------------------------------------------------------------ lightning
     def setup(self, stage: str) -> None:
         """Check the data against the model before any step runs."""
-        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
-        seq_len = getattr(dm, "seq_len", None)
-        if seq_len is not None and seq_len > self.net.config.max_len:
-            raise ConfigError(
-                f"data.seq_len={seq_len} exceeds the model context "
-                f"net.max_len={self.net.config.max_len}; lower seq_len or raise max_len"
-            )
+        context = f"model context net.max_len={self.net.config.max_len}"
+        dm = self._checked_datamodule(context, "lower seq_len or raise max_len")
         vocab = getattr(dm, "vocab_size", None)
         if vocab is not None and vocab != self.net.config.vocab_size:
             raise ConfigError(
                 f"the tokenizer has {vocab} ids but the model's vocab_size is "
                 f"{self.net.config.vocab_size}; set net.vocab_size (the CLI links it)"
             )
+
+    def _checked_datamodule(self, context: str, fix: str) -> Any:
+        """The trainer's data module (``None`` outside a fit), its ``seq_len`` checked.
+
+        Raises:
+            ConfigError: ``seq_len`` exceeds ``net.config.max_len``; the message names the
+                ``context`` and the ``fix``.
+        """
+        dm = getattr(self.trainer, "datamodule", None) if self._trainer is not None else None
+        seq_len = getattr(dm, "seq_len", None)
+        if seq_len is not None and seq_len > self.net.config.max_len:
+            raise ConfigError(f"data.seq_len={seq_len} exceeds the {context}; {fix}")
+        return dm
 
     def on_save_checkpoint(self, checkpoint: dict) -> None:
         """Store the tokenizer state so a checkpoint can decode text on its own."""
