@@ -199,6 +199,7 @@ class FlowLM(L.LightningModule):
         generator: torch.Generator | None = None,
         ar: bool = False,
         difficulty: bool = False,
+        cover: bool | None = None,
     ) -> LossTerms:
         """One unbiased Monte Carlo estimate of the ELBO of a static policy, per token.
 
@@ -221,6 +222,10 @@ class FlowLM(L.LightningModule):
                 :func:`~flowtext.objectives.two_stream_loss`).
             difficulty: Whether the caller reads the difficulty predictions; without them the
                 AR policy runs as one causal stream of ``L`` tokens.
+            cover: Draw every step of the grid at least once, on copies of the batch where it
+                has fewer rows (times blocks) than steps (``cover`` of the estimators): a
+                reported estimate then holds every term of the bound. ``None``: when the model
+                is not training (validation and experiments; training keeps one draw per row).
 
         Returns:
             :class:`~flowtext.objectives.LossTerms`; ``nats`` ``[B, L]`` sums over tokens to an
@@ -230,6 +235,7 @@ class FlowLM(L.LightningModule):
             ConfigError: A policy without a static grid, or ``steps`` it cannot use.
         """
         resolved = _policies.resolve(policy)
+        cover = not self.training if cover is None else cover
         gen = generator if generator is not None else self._gen
         length, sampling = tokens.shape[1], self.regime.step_sampling
         if not isinstance(resolved, _policies.StaticPolicy):
@@ -254,6 +260,7 @@ class FlowLM(L.LightningModule):
                 reverse=self.regime.reverse,
                 ar=ar,
                 difficulty=difficulty,
+                cover=cover,
             )
         grid = with_t_min(
             policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
@@ -267,6 +274,7 @@ class FlowLM(L.LightningModule):
             sampling=sampling,
             reverse=self.regime.reverse,
             ar=ar,
+            cover=cover,
         )
 
     def training_loss(

@@ -55,6 +55,7 @@ __all__ = [
     "block_grid",
     "commit_steps",
     "continuous_elbo",
+    "covering_copies",
     "discrete_elbo",
     "gaussian_kl_weight",
     "next_token_readout",
@@ -174,6 +175,59 @@ def sample_steps(
     else:
         raise ConfigError(f"unknown step sampling {sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}")
     return (u * n_steps).long().clamp_max(n_steps - 1) + 1
+
+
+def covering_copies(draws: int, n_steps: int) -> int:
+    """Copies of a batch that give every step of a ``n_steps``-step grid at least one draw.
+
+    An estimator that draws ``draws`` steps per copy of the batch (rows, or rows times blocks)
+    needs ``ceil(n_steps / draws)`` copies; one when ``draws >= n_steps``.
+    """
+    return max(1, -(-n_steps // max(1, draws)))
+
+
+def _draw_steps(
+    n: int, n_steps: int, sampling: str, generator: torch.Generator | None, cover: bool
+) -> Tensor:
+    """Steps of :func:`sample_steps`, or with ``cover`` a balanced draw (needs ``n >= n_steps``).
+
+    The balanced draw holds every step ``n // n_steps`` times plus ``n % n_steps`` distinct
+    steps chosen at random, shuffled: each draw is still uniform on ``1..n_steps`` (the law is
+    symmetric in the steps), and every step of the grid is drawn at least once.
+    """
+    if not cover:
+        return sample_steps(n, n_steps, sampling=sampling, generator=generator)
+    assert n >= n_steps, "a covering draw needs at least one draw per step"
+    every = torch.arange(n_steps).repeat(n // n_steps)
+    extra = torch.randperm(n_steps, generator=generator)[: n % n_steps]
+    return torch.cat([every, extra])[torch.randperm(n, generator=generator)] + 1
+
+
+def _fold_copies(terms: LossTerms, rows: int) -> LossTerms:
+    """An estimate over stacked copies of a ``rows``-row batch, averaged back to ``rows`` rows.
+
+    ``nats`` and ``ar_nats`` are the copies' means (each copy is unbiased, so is the mean);
+    ``ce``, ``t``, ``scored`` and ``difficulty`` are the first copy's (one evaluated state per
+    token, as without copies).
+    """
+    copies = terms.nats.shape[0] // rows
+    if copies == 1:
+        return terms
+
+    def mean(v: Tensor | None) -> Tensor | None:  # a term computed on one copy stays as it is
+        if v is None or v.shape[0] == rows:
+            return v
+        return v.reshape(copies, rows, *v.shape[1:]).mean(0)
+
+    has_difficulty = terms._difficulty is not None
+    return LossTerms(
+        nats=terms.nats.reshape(copies, rows, -1).mean(0),
+        ce=terms.ce[:rows],
+        difficulty=(lambda: terms.difficulty[:rows]) if has_difficulty else None,
+        scored=terms.scored[:rows],
+        ar_nats=mean(terms.ar_nats),
+        t=None if terms.t is None else terms.t[:rows],
+    )
 
 
 def commit_steps(grid: Tensor) -> Tensor:
@@ -492,11 +546,15 @@ def single_stream_loss(
     sampling: str = "stratified",
     reverse: str = "gaussian",
     ar: bool = False,
+    cover: bool = False,
 ) -> LossTerms:
     """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
 
     Each row draws one step ``k`` (by ``sampling`` over the batch), is evaluated at ``z^{k-1}``
-    and weighted by ``K``.
+    and weighted by ``K``. With fewer rows than steps most draws miss a step that carries much
+    of the bound (under a fitted info-uniform warp read on a finer grid than it was trained on,
+    the commit step carries nearly all of it): ``cover`` then evaluates enough copies of the
+    batch that every step is drawn (see ``cover``), so a reported estimate holds every term.
 
     Args:
         net: The flow network.
@@ -508,16 +566,22 @@ def single_stream_loss(
         reverse: ``"gaussian"`` or ``"mixture"`` reverse step (as in :func:`discrete_elbo`).
         ar: Also return the AR bound of the batch (``ar_nats``), from one extra causal stream
             of ``L`` tokens (:func:`autoregressive_loss`).
+        cover: Evaluate :func:`covering_copies` copies of the batch with a balanced draw that
+            gives every step at least one row (each row's step still uniform), and average the
+            copies per row (evaluation; costs ``ceil(K / B)`` rows per row).
 
     Returns:
         :class:`LossTerms` (``nats`` includes the prior term).
     """
     _check_tokens(tokens)
-    b, _ = tokens.shape
+    rows = tokens.shape[0]
+    n_steps = grid.shape[0] - 1
+    if cover:
+        tokens = tokens.repeat(covering_copies(rows, n_steps), 1)
+    b = tokens.shape[0]
     grid = grid.to(device=tokens.device)
     x_emb = net.embed(tokens)
-    n_steps = grid.shape[0] - 1
-    k = sample_steps(b, n_steps, sampling=sampling, generator=generator).to(tokens.device)
+    k = _draw_steps(b, n_steps, sampling, generator, cover).to(tokens.device)
     t_prev = grid[k - 1].to(x_emb.dtype)
     t_next = grid[k].to(x_emb.dtype)
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
@@ -530,14 +594,15 @@ def single_stream_loss(
     nats, ce = _terms_at_state(
         logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
     )
-    return LossTerms(
+    terms = LossTerms(
         nats=n_steps * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
         difficulty=lambda: out.difficulty,
         scored=t_prev > 0,
-        ar_nats=autoregressive_loss(net, tokens, schedule).nats if ar else None,
+        ar_nats=autoregressive_loss(net, tokens[:rows], schedule).nats if ar else None,
         t=t_prev,
     )
+    return _fold_copies(terms, rows)
 
 
 def two_stream_loss(
@@ -553,6 +618,7 @@ def two_stream_loss(
     reverse: str = "gaussian",
     ar: bool = False,
     difficulty: bool = True,
+    cover: bool = False,
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
@@ -578,6 +644,11 @@ def two_stream_loss(
         ar: Also return the AR bound of the batch (``ar_nats``): free from the clean stream
             when there are several blocks, one extra causal stream of ``L`` tokens otherwise.
         difficulty: Whether the caller reads ``difficulty`` (the noisy stream's predictions).
+        cover: Evaluate :func:`covering_copies` copies of the batch with a balanced draw that
+            gives every sub-step at least one block (each block's sub-step still uniform), and
+            average the copies per row: with fewer blocks in the batch than ``m`` (e.g. 8 rows,
+            one block, 64 steps) a one-draw estimate misses the sub-step that carries most of
+            the bound in most draws (the commit under a steep fitted warp). For evaluation.
 
     Returns:
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
@@ -589,16 +660,17 @@ def two_stream_loss(
         )
     if block_size == 1 and steps_per_block == 1 and not difficulty:
         return autoregressive_loss(net, tokens, schedule)
-    b, length = tokens.shape
-    dev = tokens.device
-    x_emb = net.embed(tokens)
+    rows, length = tokens.shape
     m = steps_per_block
+    if cover:
+        tokens = tokens.repeat(covering_copies(rows * -(-length // block_size), m), 1)
+    b, dev = tokens.shape[0], tokens.device
+    x_emb = net.embed(tokens)
     # times of one block: tau_0 = 1 > tau_1 > ... > tau_{m-1} = t_min > tau_m = 0
     tau = block_grid(1, 1, m, t_min)[:, 0]  # [m + 1], float64
     block_ids = (torch.arange(length, device=dev) // block_size)[None, :].expand(b, -1)
     n_blocks = int(block_ids.max()) + 1
-    j = sample_steps(b * n_blocks, m, sampling=sampling, generator=generator)
-    j = j.view(b, n_blocks).to(dev)
+    j = _draw_steps(b * n_blocks, m, sampling, generator, cover).view(b, n_blocks).to(dev)
     j_tok = torch.gather(j, 1, block_ids)
     tau = tau.to(device=dev, dtype=x_emb.dtype)
     t_prev, t_next = tau[j_tok - 1], tau[j_tok]
@@ -610,7 +682,7 @@ def two_stream_loss(
         own, noisy = out.logits, slice(None)
         logits = own
         if ar:
-            ar_nats = autoregressive_loss(net, tokens, schedule).nats
+            ar_nats = autoregressive_loss(net, tokens[:rows], schedule).nats
     else:
         t2, o2 = two_stream_layout(block_ids, t_prev)
         pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
@@ -625,7 +697,7 @@ def two_stream_loss(
     nats, ce = _terms_at_state(
         logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
     )
-    return LossTerms(
+    terms = LossTerms(
         nats=m * nats + prior_kl(x_emb, schedule),
         ce=ce.detach(),
         difficulty=lambda: out.difficulty[:, noisy],
@@ -633,6 +705,7 @@ def two_stream_loss(
         ar_nats=ar_nats,
         t=t_prev,
     )
+    return _fold_copies(terms, rows)
 
 
 def continuous_elbo(
