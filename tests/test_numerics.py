@@ -5,9 +5,8 @@ import torch
 
 from flowtext.errors import NonFiniteError
 from flowtext.sample import sample_main
-from flowtext.training import cli_main, latest_checkpoint
-from tests.test_resume import RESUME, run
-from tests.test_training import ROOT
+from flowtext.training import latest_checkpoint
+from tests.test_resume import configured, run
 
 
 def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
@@ -23,16 +22,7 @@ def test_bf16_mixed_precision_trains_on_cpu(tmp_path):
 
 def _fit_with(tmp_path, poison):
     """Train 4 steps (checkpoint every 2) with ``poison(model)`` applied to the model."""
-    cli = cli_main(
-        [
-            "--config",
-            str(ROOT / "experiments" / "configs" / "ar-tiny.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            *RESUME,
-            "--trainer.max_steps=4",
-        ],
-        run=False,
-    )
+    cli = configured(tmp_path, 4, "ar-tiny.yaml")
     poison(cli.model)
     with pytest.raises(NonFiniteError) as info:
         cli.trainer.fit(cli.model, cli.datamodule)

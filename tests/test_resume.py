@@ -30,8 +30,9 @@ class LossRecorder(L.Callback):
         self.losses[trainer.global_step] = float(outputs["loss"])
 
 
-def run(root, max_steps, ckpt_path=None, config="evo-tiny.yaml", *extra):
-    cli = cli_main(
+def configured(root, max_steps, config="evo-tiny.yaml", *extra):
+    """The training CLI (not run) of ``config`` shrunk by ``RESUME``, writing under ``root``."""
+    return cli_main(
         [
             "--config",
             str(ROOT / "experiments" / "configs" / config),
@@ -42,6 +43,10 @@ def run(root, max_steps, ckpt_path=None, config="evo-tiny.yaml", *extra):
         ],
         run=False,
     )
+
+
+def run(root, max_steps, ckpt_path=None, config="evo-tiny.yaml", *extra):
+    cli = configured(root, max_steps, config, *extra)
     rec = LossRecorder()
     cli.trainer.callbacks.append(rec)
     cli.trainer.fit(cli.model, cli.datamodule, ckpt_path=ckpt_path)
@@ -134,16 +139,7 @@ def test_failed_save_leaves_last_checkpoint_intact(tmp_path, monkeypatch):
 
 
 def test_training_uses_the_atomic_writer(tmp_path):
-    cli = cli_main(
-        [
-            "--config",
-            str(ROOT / "experiments" / "configs" / "ar-tiny.yaml"),
-            f"--trainer.default_root_dir={tmp_path}",
-            *RESUME,
-            "--trainer.max_steps=1",
-        ],
-        run=False,
-    )
+    cli = configured(tmp_path, 1, "ar-tiny.yaml")
     assert isinstance(cli.trainer.strategy.checkpoint_io, AtomicCheckpointIO)
     every = [c for c in cli.trainer.callbacks if getattr(c, "_every_n_train_steps", 0) == 2]
     assert len(every) == 1 and every[0].save_last
