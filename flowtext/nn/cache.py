@@ -6,28 +6,27 @@ depend on live tokens: once computed they stay exact for the rest of decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor
 
-__all__ = ["KVCache"]
+if TYPE_CHECKING:
+    from typing_extensions import Self
+
+__all__ = ["KVCache", "LayerCache"]
 
 
 @dataclass(frozen=True, eq=False)
-class KVCache:
-    """Per-layer keys and values of the committed tokens, plus their orders and positions.
+class LayerCache:
+    """Per-layer keys and values of committed tokens with their orders and positions.
 
-    Immutable: :meth:`FlowTransformer.commit <flowtext.nn.FlowTransformer.commit>` returns a new
-    cache, so a decoder can keep (or branch from) earlier caches. Create an empty one with
-    :meth:`FlowTransformer.new_cache <flowtext.nn.FlowTransformer.new_cache>`.
-
-    Entries with order :data:`~flowtext.attention.LIVE` are padding: no other query can see them
-    (a committed key is visible to a live query only if its order is ``< LIVE``, and to a committed
-    query only if its order is ``<=`` the query's, which is ``< LIVE``).
+    The part every backbone's cache shares (:class:`KVCache`, and the Hugging Face backbone's
+    ``PretrainedCache``, which also keeps token ids). Immutable: extending returns a new cache.
 
     Attributes:
-        keys: One tensor per layer, ``[B, H, Lc, Dh]`` (rotary already applied).
+        keys: One tensor per layer, ``[B, H, Lc, Dh]`` (positions already applied).
         values: One tensor per layer, ``[B, H, Lc, Dh]``.
         orders: Commit orders ``[B, Lc]`` (int64).
         positions: Positions ``[B, Lc]`` (int64).
@@ -48,6 +47,40 @@ class KVCache:
         """Batch size ``B``."""
         return self.orders.shape[0]
 
+    def _extended(
+        self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor, **more: Tensor
+    ) -> Self:
+        """This cache with ``n`` more tokens per row (``more``: other ``[B, n]`` fields, int64)."""
+        extra = {name: torch.cat([getattr(self, name), x.long()], 1) for name, x in more.items()}
+        return replace(
+            self,
+            keys=tuple(torch.cat([old, k], dim=2) for old, (k, _) in zip(self.keys, kv)),
+            values=tuple(torch.cat([old, v], dim=2) for old, (_, v) in zip(self.values, kv)),
+            orders=torch.cat([self.orders, orders.long()], dim=1),
+            positions=torch.cat([self.positions, positions.long()], dim=1),
+            **extra,
+        )
+
+
+@dataclass(frozen=True, eq=False)
+class KVCache(LayerCache):
+    """Per-layer keys and values of the committed tokens, plus their orders and positions.
+
+    Immutable: :meth:`FlowTransformer.commit <flowtext.nn.FlowTransformer.commit>` returns a new
+    cache, so a decoder can keep (or branch from) earlier caches. Create an empty one with
+    :meth:`FlowTransformer.new_cache <flowtext.nn.FlowTransformer.new_cache>`.
+
+    Entries with order :data:`~flowtext.attention.LIVE` are padding: no other query can see them
+    (a committed key is visible to a live query only if its order is ``< LIVE``, and to a committed
+    query only if its order is ``<=`` the query's, which is ``< LIVE``).
+
+    Attributes:
+        keys: One tensor per layer, ``[B, H, Lc, Dh]`` (rotary already applied).
+        values: One tensor per layer, ``[B, H, Lc, Dh]``.
+        orders: Commit orders ``[B, Lc]`` (int64).
+        positions: Positions ``[B, Lc]`` (int64).
+    """
+
     def append(self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor) -> KVCache:
         """A new cache with ``n`` more tokens per row.
 
@@ -59,9 +92,4 @@ class KVCache:
         Returns:
             The extended cache (this one is unchanged).
         """
-        return KVCache(
-            keys=tuple(torch.cat([old, k], dim=2) for old, (k, _) in zip(self.keys, kv)),
-            values=tuple(torch.cat([old, v], dim=2) for old, (_, v) in zip(self.values, kv)),
-            orders=torch.cat([self.orders, orders.long()], dim=1),
-            positions=torch.cat([self.positions, positions.long()], dim=1),
-        )
+        return self._extended(kv, orders, positions)

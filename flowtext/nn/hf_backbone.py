@@ -47,6 +47,7 @@ from torch import Tensor, nn
 
 from flowtext.attention import visibility_mask
 from flowtext.errors import ConfigError, ShapeError
+from flowtext.nn.cache import LayerCache
 from flowtext.nn.latents import LatentTable
 from flowtext.nn.layers import LowRankModulation, TimeEmbedding
 from flowtext.nn.transformer import FlowOutput
@@ -133,7 +134,7 @@ class PretrainedFlowConfig:
 
 
 @dataclass(frozen=True, eq=False)
-class PretrainedCache:
+class PretrainedCache(LayerCache):
     """Keys and values of committed tokens, plus what replicas need: their ids.
 
     Attributes:
@@ -144,33 +145,13 @@ class PretrainedCache:
         ids: Token ids ``[B, Lc]`` (int64), read by live tokens to their right.
     """
 
-    keys: tuple[Tensor, ...]
-    values: tuple[Tensor, ...]
-    orders: Tensor
-    positions: Tensor
     ids: Tensor
-
-    @property
-    def length(self) -> int:
-        """Cached tokens per row ``Lc`` (padding included)."""
-        return self.orders.shape[1]
-
-    @property
-    def batch_size(self) -> int:
-        """Rows ``B``."""
-        return self.orders.shape[0]
 
     def append(
         self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor, ids: Tensor
     ) -> PretrainedCache:
         """A new cache with ``n`` more tokens per row (``kv`` per layer ``[B, H_kv, n, Dh]``)."""
-        return PretrainedCache(
-            keys=tuple(torch.cat([old, k], 2) for old, (k, _) in zip(self.keys, kv)),
-            values=tuple(torch.cat([old, v], 2) for old, (_, v) in zip(self.values, kv)),
-            orders=torch.cat([self.orders, orders.long()], 1),
-            positions=torch.cat([self.positions, positions.long()], 1),
-            ids=torch.cat([self.ids, ids.long()], 1),
-        )
+        return self._extended(kv, orders, positions, ids=ids)
 
 
 @dataclass
