@@ -54,6 +54,28 @@ SCRIPT = textwrap.dedent(
     for g_ref, g_fused in zip(outs[0][1], outs[1][1]):
         check(g_ref, g_fused, "parameter gradient")
 
+    # the tile summaries are built once per forward (not per layer), with the same results
+    import flowtext.nn.transformer as tr
+    from flowtext.kernels.visibility_attention import _api
+
+    builds, build = [], _api.build_summaries
+    _api.build_summaries = lambda *a: builds.append(1) or build(*a)
+    per_forward, shared = [], tr.plan_attention
+    for plan in (shared, lambda *a, **k: None):  # one plan per forward, then one per layer
+        tr.plan_attention = plan
+        builds.clear()
+        fused.zero_grad()
+        out = fused(z, t, o)
+        out.logits.square().mean().backward()
+        grads = [p.grad.clone() for p in fused.parameters() if p.grad is not None]
+        per_forward.append((len(builds), out.logits, grads))
+    tr.plan_attention = shared
+    counts = [n for n, _, _ in per_forward]
+    assert counts == [1, cfg["n_layers"]], counts
+    assert torch.equal(per_forward[0][1], per_forward[1][1]), "logits differ"
+    assert per_forward[0][2], "no gradients"
+    assert all(torch.equal(a, c) for a, c in zip(per_forward[0][2], per_forward[1][2])), "grads"
+
     cache = fused.commit(fused.new_cache(b), z[:, :3], o[:, :3], torch.arange(3, device=dev))
     live = torch.arange(3, n, device=dev)
     cached = fused(z[:, 3:], t[:, 3:], o[:, 3:], positions=live, cache=cache)
