@@ -7,6 +7,7 @@ every block modulates each token with its own shift, scale and gate.
 from __future__ import annotations
 
 import math
+from typing import NamedTuple
 
 import torch
 import torch.nn.functional as F
@@ -17,6 +18,7 @@ from flowtext.nn.config import FlowTransformerConfig
 
 __all__ = [
     "Block",
+    "LayerInputs",
     "LowRankModulation",
     "SelfAttention",
     "TimeEmbedding",
@@ -56,7 +58,9 @@ def time_features(t: Tensor, dim: int, max_period: float = 10000.0) -> Tensor:
     return torch.cat([torch.cos(args), torch.sin(args)], dim=-1)
 
 
-def rotary(positions: Tensor, head_dim: int, base: float, dtype: torch.dtype) -> tuple[Tensor, ...]:
+def rotary(
+    positions: Tensor, head_dim: int, base: float, dtype: torch.dtype
+) -> tuple[Tensor, Tensor]:
     """Cosines and sines of the rotary embedding at integer ``positions``.
 
     Args:
@@ -141,6 +145,27 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, rms_norm(x), 1 + scale)
 
 
+class LayerInputs(NamedTuple):
+    """What every layer of one forward pass reads alike (built once per pass).
+
+    Attributes:
+        rope: ``(cos, sin)`` of the tokens' positions, each ``[B, 1, L, Dh/2]``.
+        t_q: Times of the given tokens ``[B, L]``.
+        o_q: Orders of the given tokens ``[B, L]``.
+        t_k: Times of all keys (cached then given) ``[B, Lc + L]``.
+        o_k: Orders of all keys ``[B, Lc + L]``.
+        plan: The :func:`~flowtext.attention.plan_attention` of ``(t_q, o_q, t_k, o_k)``, shared
+            by every layer (``None``: each attention call builds its own).
+    """
+
+    rope: tuple[Tensor, Tensor]
+    t_q: Tensor
+    o_q: Tensor
+    t_k: Tensor
+    o_k: Tensor
+    plan: AttentionPlan | None = None
+
+
 class SelfAttention(nn.Module):
     """Multi-head attention with rotary positions under the visibility rule of theory §2.
 
@@ -159,28 +184,14 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
-        self,
-        x: Tensor,
-        rope: tuple[Tensor, Tensor],
-        t_q: Tensor,
-        o_q: Tensor,
-        t_k: Tensor,
-        o_k: Tensor,
-        past: tuple[Tensor, Tensor] | None = None,
-        plan: AttentionPlan | None = None,
+        self, x: Tensor, inputs: LayerInputs, past: tuple[Tensor, Tensor] | None = None
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attend from ``x`` ``[B, L, d]``.
 
         Args:
             x: Normalized, modulated input ``[B, L, d]``.
-            rope: ``(cos, sin)`` of the tokens' positions, each ``[B, 1, L, Dh/2]``.
-            t_q: Times of the given tokens ``[B, L]``.
-            o_q: Orders of the given tokens ``[B, L]``.
-            t_k: Times of all keys (cached then given) ``[B, Lc + L]``.
-            o_k: Orders of all keys ``[B, Lc + L]``.
+            inputs: The pass's rotary tables, token vectors and attention plan.
             past: Cached ``(K, V)``, each ``[B, H, Lc, Dh]``, or ``None``.
-            plan: The :func:`~flowtext.attention.plan_attention` of ``(t_q, o_q, t_k, o_k)``,
-                built once per forward pass and shared by every layer (``None``: built here).
 
         Returns:
             ``(out [B, L, d], (k, v))`` where ``k, v`` ``[B, H, L, Dh]`` are the given tokens' own
@@ -188,6 +199,7 @@ class SelfAttention(nn.Module):
         """
         b, n, d = x.shape
         q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        rope, t_q, o_q, t_k, o_k, plan = inputs
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_all, v_all = (k, v)
         if past is not None:
@@ -232,13 +244,8 @@ class Block(nn.Module):
         self,
         x: Tensor,
         c_act: Tensor,
-        rope: tuple[Tensor, Tensor],
-        t_q: Tensor,
-        o_q: Tensor,
-        t_k: Tensor,
-        o_k: Tensor,
+        inputs: LayerInputs,
         past: tuple[Tensor, Tensor] | None = None,
-        plan: AttentionPlan | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Update the residual stream ``x`` ``[B, L, d]``; see :meth:`SelfAttention.forward`.
 
@@ -246,7 +253,7 @@ class Block(nn.Module):
             ``(x, (k, v))``: the new residual stream and the given tokens' keys and values.
         """
         shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_act)
-        h, kv = self.attn(modulate(x, shift_a, scale_a), rope, t_q, o_q, t_k, o_k, past, plan)
+        h, kv = self.attn(modulate(x, shift_a, scale_a), inputs, past)
         x = torch.addcmul(x, gate_a, self.drop(h))  # x + gate * h in one pass
         x = torch.addcmul(x, gate_m, self.drop(self.mlp(modulate(x, shift_m, scale_m))))
         return x, kv

@@ -25,7 +25,14 @@ from flowtext.errors import ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
 from flowtext.nn.latents import LatentTable, _describe, _is_int
-from flowtext.nn.layers import Block, LowRankModulation, TimeEmbedding, modulate, rotary
+from flowtext.nn.layers import (
+    Block,
+    LayerInputs,
+    LowRankModulation,
+    TimeEmbedding,
+    modulate,
+    rotary,
+)
 from flowtext.visibility import LIVE, check_times
 
 __all__ = ["FlowOutput", "FlowTransformer"]
@@ -401,9 +408,8 @@ class FlowTransformer(LatentTable, nn.Module):
         rope_pos = positions[:1] if positions.stride(0) == 0 else positions
         rope = rotary(rope_pos, self.config.head_dim, self.config.rope_base, dtype)
 
-        # one time for every token (a clean stream, t = 0): one conditioning vector, broadcast
-        uniform = bool((t == t[:1, :1]).all())
-        c = self.time_embed(t[:1, :1] if uniform else t)
+        # times shared by all rows and/or along each row: conditioning once per distinct time
+        c = self.time_embed(_distinct_times(t))
         c_act = F.silu(c)
         noise = (t == 1)[..., None]
         z = z.to(dtype).masked_fill(noise, 0.0)  # a t = 1 token's z is never read, not even NaN
@@ -417,10 +423,22 @@ class FlowTransformer(LatentTable, nn.Module):
             o_k = torch.cat([cache.orders, o], dim=1)
         # the token vectors' attention work (mask or tile summaries), once for every layer
         plan = plan_attention(t, o, t_k, o_k, backend=self.config.attention_backend)
+        inputs = LayerInputs(rope, t, o, t_k, o_k, plan)
         kv = []
         for i, block in enumerate(self.blocks):
             layer_past = None if cache is None else (cache.keys[i], cache.values[i])
-            x, layer_kv = block(x, c_act, rope, t, o, t_k, o_k, layer_past, plan)
+            x, layer_kv = block(x, c_act, inputs, layer_past)
             kv.append(layer_kv)
         shift, scale = self.final_modulation(c_act)
         return modulate(x, shift, scale), kv
+
+
+def _distinct_times(t: Tensor) -> Tensor:
+    """``t`` ``[B, L]`` cut to the dimensions it varies along, for broadcasting (one sync).
+
+    ``[1, 1]`` when every token shares one time (a clean stream), ``[1, L]`` when every row has
+    the same times (an exact bound's grid, the two-stream AR layout), ``[B, 1]`` when each row
+    has one time (synchronous diffusion), else ``t`` itself.
+    """
+    same_rows, same_in_row = torch.stack([(t == t[:1]).all(), (t == t[:, :1]).all()]).tolist()
+    return t[: 1 if same_rows else None, : 1 if same_in_row else None]
