@@ -280,26 +280,44 @@ class FlowLM(L.LightningModule):
     def training_loss(
         self, tokens: torch.Tensor, *, regime_generator: torch.Generator | None = None
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
-        """One Monte Carlo draw of the training objective.
-
-        Draws one bound from the regime (:meth:`TrainingRegime.draw`) and estimates it with
-        :meth:`policy_bound`; with ``ar_weight > 0`` the exact AR bound of the same batch is
-        added, whatever was drawn (``train/ar_bpt`` is logged whenever the AR bound is known).
+        """One Monte Carlo draw of the training objective: a drawn bound's :meth:`bound_loss`.
 
         Args:
             tokens: ``[B, L]``.
-            regime_generator: Generator of the regime draw (which bound this batch trains);
-                ``None``: the model's generator, which always draws the noise and times.
+            regime_generator: Generator of the regime draw (which bound this batch trains,
+                :meth:`TrainingRegime.draw`); ``None``: the model's generator, which always
+                draws the noise and times.
 
         Returns:
-            ``(loss, logs)``: the scalar loss (ELBO nats per token + weighted AR bound +
-            weighted difficulty loss) and values to log.
+            ``(loss, logs)`` as :meth:`bound_loss`.
         """
         gen = regime_generator if regime_generator is not None else self._gen
+        return self.bound_loss(tokens, self.regime.draw(tokens.shape[1], gen))
+
+    def bound_loss(
+        self, tokens: torch.Tensor, bound: DrawnBound
+    ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+        """The training loss of one batch on a given bound, as the regime weighs it.
+
+        The bound is estimated with :meth:`policy_bound` (on ``noise_draws`` copies of the batch
+        unless it is the AR bound) and weighted by :meth:`TrainingRegime.weight`; with
+        ``ar_weight > 0`` the exact AR bound of the same batch is added, whatever was drawn
+        (``train/ar_bpt`` is logged whenever the AR bound is known). With ``normalize`` each
+        term trains as the log of its value. Noise and times come from the model's generator.
+
+        Args:
+            tokens: ``[B, L]``.
+            bound: The bound to train (e.g. from :meth:`TrainingRegime.draw`).
+
+        Returns:
+            ``(loss, logs)``: the scalar loss (weighted ELBO nats per token + weighted AR bound +
+            weighted difficulty loss) and values to log (unweighted bounds in bits per token).
+        """
         regime = self.regime
-        bound: DrawnBound = regime.draw(tokens.shape[1], gen)
+        is_ar = _is_ar(bound, tokens.shape[1])
+        rows = tokens if is_ar else tokens.repeat(regime.noise_draws, 1)
         terms = self.policy_bound(
-            tokens,
+            rows,
             bound.policy,
             bound.steps,
             ar=regime.ar_weight > 0,
@@ -307,12 +325,12 @@ class FlowLM(L.LightningModule):
         )
         self.feed_schedule(terms)
         elbo = terms.nats.mean()
-        loss = elbo
+        loss = regime.weight(bound.label) * _trained(elbo, regime.normalize)
         logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{bound.label}": elbo / LN2}
         ar = terms.ar_nats
         if ar is not None:
-            loss = loss + regime.ar_weight * ar.mean()
-        elif _is_ar(bound, tokens.shape[1]):
+            loss = loss + regime.ar_weight * _trained(ar.mean(), regime.normalize)
+        elif is_ar:
             ar = terms.nats
         if ar is not None:
             logs["train/ar_bpt"] = ar.mean().detach() / LN2
@@ -513,6 +531,11 @@ def _trained_val_policies(regime: TrainingRegime) -> tuple[str, ...]:
     if 0 in sizes:
         names.append("sync")
     return tuple(names)
+
+
+def _trained(nats: torch.Tensor, normalize: bool) -> torch.Tensor:
+    """The loss term of a bound: itself, or ``log`` of it (``nats / nats.detach()``)."""
+    return nats / nats.detach().clamp_min(1e-6) if normalize else nats
 
 
 def _is_ar(bound: DrawnBound, length: int) -> bool:

@@ -28,8 +28,10 @@ Example:
 
 from __future__ import annotations
 
+import dataclasses
 import math
-from dataclasses import asdict, dataclass
+import re
+from dataclasses import asdict, dataclass, field
 from typing import Any, Literal
 
 import torch
@@ -90,6 +92,18 @@ class TrainingRegime:
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
+    bound_weights: dict[str, float] = field(default_factory=dict)
+    """Weight of each drawn bound's ELBO in the loss, by log label (``block1`` = AR,
+    ``block<B>``, ``block0`` = whole sequence, ``diagonal``); a label not given weighs 1. The
+    AR term added on every batch keeps ``ar_weight``. Logged bounds are never weighted."""
+    normalize: bool = False
+    """Train each ELBO term (the drawn bound and the AR term) as ``log`` of its batch mean, i.e.
+    divide it by its own detached value: a 6-nat diffusion bound and a 2-nat AR bound then pull
+    with the same relative strength. Changes the gradient only, never a reported bound."""
+    noise_draws: int = 1
+    """Noise and time draws per sequence for drawn bounds other than AR: the batch is repeated
+    this many times, each copy with its own noise and (stratified) steps, and the bound is their
+    mean (less gradient noise, ``noise_draws`` times the cost of those batches)."""
     reverse: Literal["gaussian", "mixture"] = "gaussian"
     """Reverse step of the bounds (training and validation): gaussian = the Gaussian-mean step
     q(z_s | z_t, x_hat) (theory §4), mixture = sum_v p(v | z_t) q(z_s | z_t, e_v) (theory §4b)."""
@@ -101,6 +115,8 @@ class TrainingRegime:
         set_(self, "steps_per_block", _int(self.steps_per_block, "steps_per_block"))
         set_(self, "diagonal_steps", _int(self.diagonal_steps, "diagonal_steps"))
         set_(self, "schedule_fit_every", _int(self.schedule_fit_every, "schedule_fit_every"))
+        set_(self, "noise_draws", _int(self.noise_draws, "noise_draws"))
+        set_(self, "bound_weights", _weights(self.bound_weights))
         self._check_mixture()
         self._check_steps()
 
@@ -138,6 +154,8 @@ class TrainingRegime:
             raise ConfigError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
         if self.diagonal_steps < 1:
             raise ConfigError(f"diagonal_steps must be >= 1, got {self.diagonal_steps}")
+        if self.noise_draws < 1:
+            raise ConfigError(f"noise_draws must be >= 1, got {self.noise_draws}")
         if self.schedule_fit_every < 1:
             raise ConfigError(f"schedule_fit_every must be >= 1, got {self.schedule_fit_every}")
         if self.t_min is not None and not 0 < self.t_min < 1:
@@ -175,6 +193,12 @@ class TrainingRegime:
             ar_weight=1.0,
         )
 
+    @classmethod
+    def evo_balanced(cls) -> TrainingRegime:
+        """Evo with balanced terms: each bound trains as the log of its value (``normalize``),
+        two noise draws per sequence for the non-AR bounds."""
+        return dataclasses.replace(cls.evo(), normalize=True, noise_draws=2)
+
     # ------------------------------------------------------------------------------ the draws
     @property
     def grid_t_min(self) -> float:
@@ -207,6 +231,10 @@ class TrainingRegime:
             return DrawnBound(policy, length * self.diagonal_steps, "diagonal")
         i = int(torch.randint(len(self.block_sizes), (1,), generator=generator))
         return self.block_bound(self.block_sizes[i], length)
+
+    def weight(self, label: str) -> float:
+        """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""
+        return self.bound_weights.get(label, 1.0)
 
     def trains_ar(self) -> bool:
         """Whether the AR bound is part of the loss (drawn as ``block1``, or ``ar_weight > 0``)."""
@@ -251,6 +279,25 @@ def block_bound(block_size: int, steps_per_block: int, length: int) -> DrawnBoun
     m = 1 if size == 1 else steps_per_block
     policy = Synchronous() if size >= length else Block(size=size)
     return DrawnBound(policy, -(-length // min(size, length)) * m, f"block{block_size}")
+
+
+_LABEL = re.compile(r"block\d+|diagonal")
+
+
+def _weights(weights: Any) -> dict[str, float]:
+    if not isinstance(weights, dict):
+        raise ConfigError(f"bound_weights must map labels to weights, got {weights!r}")
+    out = {}
+    for label, w in weights.items():
+        if not isinstance(label, str) or not _LABEL.fullmatch(label):
+            raise ConfigError(
+                f"unknown bound label {label!r} in bound_weights; labels are block<B> "
+                "(block1 = AR, block0 = whole sequence) and diagonal"
+            )
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not math.isfinite(w) or w < 0:
+            raise ConfigError(f"bound_weights[{label!r}] must be a number >= 0, got {w!r}")
+        out[label] = float(w)
+    return out
 
 
 def _int(value: Any, name: str) -> int:

@@ -119,6 +119,70 @@ def test_evo_loss_contains_the_ar_term_on_every_batch(w):
     assert seen == set(regime.probabilities())
 
 
+def _evo(**fields) -> FlowLM:
+    torch.manual_seed(0)
+    regime = dataclasses.replace(TrainingRegime.evo(), steps_per_block=4, **fields)
+    model = flowtext.Evo(net=FlowTransformerConfig(**TINY), regime=regime).double()
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(0.05 * torch.randn_like(p))
+    return model
+
+
+def _terms(model, tokens, bound, seed=0):
+    model._gen.manual_seed(seed)
+    loss, logs = model.bound_loss(tokens, bound)
+    return loss, logs["train/elbo_bpt"] * math.log(2), logs["train/ar_bpt"] * math.log(2)
+
+
+@pytest.mark.parametrize("label", ["block0", "block4", "diagonal"])
+def test_bound_weights_scale_the_drawn_term_and_only_it(label):
+    tokens = torch.randint(0, 13, (3, 12))
+    bound = next(
+        b for s in range(100)
+        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
+    )  # fmt: skip
+    base, elbo, ar = _terms(_evo(), tokens, bound)
+    scaled, elbo2, ar2 = _terms(_evo(bound_weights={label: 0.25, "block1": 3.0}), tokens, bound)
+    torch.testing.assert_close(elbo2, elbo)  # the logged bound is never weighted
+    torch.testing.assert_close(ar2, ar)
+    torch.testing.assert_close(base - scaled, 0.75 * elbo, rtol=1e-9, atol=1e-9)
+
+
+def test_normalize_trains_the_log_of_each_term_and_reports_the_bound():
+    tokens = torch.randint(0, 13, (3, 12))
+    bound = TrainingRegime.evo().block_bound(0, 12)
+    plain, normal = _evo(difficulty_weight=0.0), _evo(difficulty_weight=0.0, normalize=True)
+    loss, elbo, ar = _terms(plain, tokens, bound)
+    nloss, nelbo, nar = _terms(normal, tokens, bound)
+    torch.testing.assert_close(nelbo, elbo)
+    assert float(nloss.detach()) == pytest.approx(2.0, rel=1e-9)  # elbo / elbo + ar / ar
+    # the gradient is that of log(elbo) + log(ar)
+    ar = autoregressive_loss(plain.net, tokens, plain.schedule).nats.mean()
+    want = torch.autograd.grad(torch.log(elbo) + torch.log(ar), plain.net.readout.weight)[0]
+    got = torch.autograd.grad(nloss, normal.net.readout.weight)[0]
+    torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
+
+
+def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
+    tokens = torch.randint(0, 13, (3, 12))
+    model = _evo(noise_draws=3, difficulty_weight=0.0)
+    bound = TrainingRegime.evo().block_bound(4, 12)
+    model._gen.manual_seed(0)
+    terms = model.policy_bound(tokens.repeat(3, 1), bound.policy, bound.steps)
+    per_draw = terms.nats.view(3, 3, 12).sum(-1)  # [draw, row]: one bound estimate each
+    assert float((per_draw[0] - per_draw[1]).abs().min()) > 0  # independent noise per copy
+    _, elbo, ar = _terms(model, tokens, bound)
+    torch.testing.assert_close(elbo, terms.nats.mean())
+    with torch.no_grad():
+        exact = autoregressive_loss(model.net, tokens, model.schedule).nats.mean()
+    torch.testing.assert_close(ar, exact, rtol=1e-10, atol=1e-10)
+    # the AR bound itself is exact: it is never repeated
+    ar_bound = TrainingRegime.evo().block_bound(1, 12)
+    _, ar_elbo, _ = _terms(model, tokens, ar_bound)
+    torch.testing.assert_close(ar_elbo, exact, rtol=1e-10, atol=1e-10)
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
@@ -134,6 +198,10 @@ def test_evo_loss_contains_the_ar_term_on_every_batch(w):
         (dict(ar_weight=float("nan")), "ar_weight"),
         (dict(step_sampling="sobol"), "step_sampling"),
         (dict(reverse="laplace"), "reverse step"),
+        (dict(bound_weights={"blok1": 1.0}), "unknown bound label"),
+        (dict(bound_weights={"block0": -1.0}), "bound_weights"),
+        (dict(bound_weights=[("block0", 1.0)]), "bound_weights"),
+        (dict(noise_draws=0), "noise_draws"),
     ],
 )
 def test_incompatible_regimes_fail_with_a_clear_error(kwargs, match):
