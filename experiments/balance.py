@@ -162,7 +162,10 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--regimes", default="ar,evo,evo-balanced")
     p.add_argument(
-        "--variant", action="append", default=[], metavar="NAME=JSON",
+        "--variant",
+        action="append",
+        default=[],
+        metavar="NAME=JSON",
         help="a regime NAME (list it in --regimes): Evo's fields replaced by a JSON object, "
         'e.g. w02=\'{"bound_weights": {"block0": 0.2}}\'',
     )

@@ -195,8 +195,11 @@ class TrainingRegime:
 
     @classmethod
     def evo_balanced(cls) -> TrainingRegime:
-        """Evo with balanced terms: each bound trains as the log of its value (``normalize``),
-        two noise draws per sequence for the non-AR bounds."""
+        """Evo with balanced terms (a candidate; see docs/results.md for how it compares).
+
+        Each bound trains as the log of its value (``normalize``), and the non-AR bounds take
+        two noise draws per sequence.
+        """
         return dataclasses.replace(cls.evo(), normalize=True, noise_draws=2)
 
     # ------------------------------------------------------------------------------ the draws
