@@ -506,3 +506,28 @@ def test_compiled_backbone_gives_the_eager_loss_and_gradients():
         torch.testing.assert_close(b.grad, a.grad, rtol=1e-4, atol=1e-5)
     with pytest.raises(ConfigError, match="compile"):
         FlowTransformerConfig(**tiny(compile="yes"))
+
+
+@pytest.mark.parametrize("pattern", ["token", "row", "column", "none"])
+def test_conditioning_on_distinct_times_equals_per_token(monkeypatch, pattern):
+    """Times shared across rows or along rows condition once per distinct time, same outputs."""
+    import flowtext.nn.transformer as T
+
+    from ._nets import perturbed_net
+
+    net = perturbed_net()
+    b, n = 3, 6
+    gen = torch.Generator().manual_seed(0)
+    t = {
+        "token": torch.full((b, n), 0.3, dtype=torch.float64),
+        "row": torch.rand(1, n, generator=gen, dtype=torch.float64).expand(b, n),
+        "column": torch.rand(b, 1, generator=gen, dtype=torch.float64).expand(b, n),
+        "none": torch.rand(b, n, generator=gen, dtype=torch.float64),
+    }[pattern]
+    shapes = {"token": (1, 1), "row": (1, n), "column": (b, 1), "none": (b, n)}
+    assert T._distinct_times(t).shape == shapes[pattern]
+    z = torch.randn(b, n, 8, generator=gen, dtype=torch.float64)
+    o = torch.full((b, n), LIVE)
+    shared = net(z, t, o).logits
+    monkeypatch.setattr(T, "_distinct_times", lambda t: t)
+    torch.testing.assert_close(shared, net(z, t, o).logits, rtol=1e-10, atol=1e-10)
