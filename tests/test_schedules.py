@@ -11,6 +11,8 @@ from flowtext import schedules
 from flowtext.errors import ConfigError
 from flowtext.flow import conditional_path, conditional_velocity, velocity
 
+F64 = torch.float64
+
 
 def fitted_info_uniform(base="cosine", mid=-2.0, width=1.0, n_bins=32, seed=0):
     """An info-uniform schedule fitted to a logistic cross-entropy curve ``c(lambda)``."""
@@ -24,6 +26,18 @@ def fitted_info_uniform(base="cosine", mid=-2.0, width=1.0, n_bins=32, seed=0):
     return s
 
 
+def fitted_to_noise(n_bins=32):
+    """An info-uniform schedule fitted as a barely trained model feeds it (the ablation's
+    ``evo gaussian info-uniform``): cross-entropies that fall with the noise except for one
+    rise at very high noise. Isotonic regression squeezes almost the whole time axis into the
+    bins of that rise: ``w(1/64) ~ 0.98``."""
+    s = schedules.get("info-uniform", n_bins=n_bins)
+    lam = torch.linspace(-10, 4, 400, dtype=F64)
+    s.update(lam, 4.0 + 0.05 * lam + 0.4 * torch.sigmoid(-(lam + 8.5) / 0.3))
+    s.fit()
+    return s
+
+
 SCHEDULES = {name: schedules.get(name) for name in schedules.names()}
 SCHEDULES.update(
     {
@@ -33,6 +47,9 @@ SCHEDULES.update(
         "vp-wide": schedules.get("vp", beta_min=0.5, beta_max=5.0),
         "info-uniform-fitted-cosine": fitted_info_uniform(),
         "info-uniform-fitted-linear": fitted_info_uniform("linear", mid=3.0, width=0.5),
+        "info-uniform-steep-high-noise": fitted_info_uniform(mid=-9.0, width=0.3),
+        "info-uniform-steep-low-noise": fitted_info_uniform("vp", mid=6.0, width=0.3),
+        "info-uniform-fitted-to-noise": fitted_to_noise(),
     }
 )
 IDS = list(SCHEDULES)
@@ -40,7 +57,7 @@ interior = st.floats(min_value=1e-3, max_value=1 - 1e-3)
 
 
 def is_vp_like(s):
-    base = s.base if isinstance(s, schedules.Shifted) else s
+    base = s.base if isinstance(s, (schedules.Shifted, schedules.InfoUniform)) else s
     return isinstance(base, schedules.VP)
 
 
@@ -265,3 +282,42 @@ def test_info_uniform_flat_curve_keeps_the_identity_warp():
     t = torch.linspace(0, 1, 33, dtype=torch.float64)
     torch.testing.assert_close(s.warp(t), t, rtol=0, atol=1e-12)
     torch.testing.assert_close(s.alpha(t), 1 - t, rtol=0, atol=1e-12)
+
+
+# ---------------------------------------------------------------------------------------------
+# The fitted warp on the grids the bounds read (float32 and float64), whatever the data
+
+
+@settings(max_examples=20, deadline=None)
+@given(
+    ce=st.lists(st.floats(0.0, 8.0), min_size=3, max_size=12),
+    train_steps=st.integers(2, 16),
+    base=st.sampled_from(["cosine", "linear", "vp"]),
+    floor=st.sampled_from([1e-3, 0.01, 0.5]),
+)
+def test_a_warp_fitted_to_any_data_keeps_the_endpoints_and_is_strictly_monotone(
+    ce, train_steps, base, floor
+):
+    """Arbitrary per-bin cross-entropies (non-monotone, flat, spiky) fed at the times of a
+    coarse training grid: ``w(0) = 0``, ``w(1) = 1`` exactly, ``F(w(t)) = t``, ``w`` strictly
+    increasing and the log-SNR strictly decreasing on every 2..1024-step grid (their
+    ``t_min = 1/m`` included) in float64 and float32, and ``alpha``/``sigma`` at the grid's
+    smallest time those of the base at ``w(t_min)``."""
+    s = schedules.get("info-uniform", base=base, n_bins=16, floor=floor)
+    t_fed = torch.arange(1, train_steps, dtype=F64).repeat(len(ce)) / train_steps
+    values = torch.tensor(ce, dtype=F64).repeat_interleave(max(1, train_steps - 1))[: len(t_fed)]
+    s.update(s.log_snr(t_fed), values)
+    if int((~torch.isnan(s.estimates()[1])).sum()) >= 2:
+        s.fit()
+    ends = torch.tensor([0.0, 1.0], dtype=F64)
+    assert s.warp(ends).tolist() == [0.0, 1.0] and s.cdf(ends).tolist() == [0.0, 1.0]
+    for m in (2, 64, 1024):
+        t = torch.linspace(1, 0, m + 1, dtype=F64)[:-1]  # 1, ..., 1/m: the inner times read
+        torch.testing.assert_close(s.cdf(s.warp(t)), t, rtol=0, atol=1e-12)
+        for dt in (F64, torch.float32):
+            w, lam = s.warp(t.to(dt)), s.log_snr(t.to(dt))
+            assert bool((w[1:] < w[:-1]).all()), (m, dt)
+            assert bool((lam[1:] > lam[:-1]).all()), (m, dt)
+        tm = t[-1:]
+        torch.testing.assert_close(s.alpha(tm), s.base.alpha(s.warp(tm)), rtol=0, atol=0)
+        torch.testing.assert_close(s.sigma(tm), s.base.sigma(s.warp(tm)), rtol=0, atol=0)
