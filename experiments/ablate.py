@@ -11,8 +11,12 @@ validation bits/byte of its synchronous and ``block(B)`` bounds (one table) and 
 Ingredients: ``reverse`` = ``gaussian`` (Gaussian-mean step) or ``mixture`` (theory §4b, the
 model trains and reports the mixture bound); ``schedule`` = ``cosine`` or ``info-uniform``
 (fitted during training every ``--fit-every`` steps, frozen for evaluation, theory §4c).
-Families: ``diffusion`` (one block over the sequence) and ``evo`` (the Evo regime). Outputs in
-``--out``: ``ablate.csv``, ``ablate.md`` and ``ablate_steps.png``.
+Families: ``diffusion`` (one block over the sequence) and ``evo`` (the Evo regime). Every
+model also reports its exact AR bound (``ar_bpb``, ``block(1)``: one jump per token), the
+reference a bound of the same model should not beat by much. Bounds are estimated in evaluation
+mode, so every step of a grid is drawn at least once (``cover`` of
+:meth:`flowtext.lm.FlowLM.policy_bound`). Outputs in ``--out``: ``ablate.csv``, ``ablate.md``
+and ``ablate_steps.png``.
 """
 
 from __future__ import annotations
@@ -81,9 +85,12 @@ def train(lm: FlowLM, rows: torch.Tensor, args) -> None:
 
 
 def evaluate(lm: FlowLM, val: list[torch.Tensor], args) -> dict:
-    """Bits/byte of the synchronous and ``block(B)`` bounds at each steps-per-block."""
-    out = {}
+    """Bits/byte of the AR bound and of the synchronous and ``block(B)`` bounds at each
+    steps-per-block (the model in evaluation mode: every step of each grid is drawn)."""
     n_blocks = -(-args.length // args.block)
+    g = torch.Generator().manual_seed(args.seed + 1)
+    out = {"ar": bound_bpb(lm, val, Block(size=1), args.length, bytes_per_token=1.0,
+                           repeats=1, generator=g)[0]}  # fmt: skip
     for m in args.steps_per_block:
         g = torch.Generator().manual_seed(args.seed + 1)  # common random numbers
         kw = dict(bytes_per_token=1.0, repeats=args.repeats, generator=g)
@@ -160,7 +167,7 @@ def main(argv=None) -> int:
         results[name] = res
         m = max(args.steps_per_block)
         rows.append(
-            {"family": fam, "reverse": rev, "schedule": sch}
+            {"family": fam, "reverse": rev, "schedule": sch, "ar_bpb": res["ar"]}
             | {f"sync_bpb@{k}": res[("sync", k)] for k in (min(args.steps_per_block), m)}
             | {f"block{args.block}_bpb@{k}": res[("block", k)] for k in args.steps_per_block}
         )

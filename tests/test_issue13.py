@@ -183,3 +183,39 @@ def test_the_reported_bound_of_a_model_under_a_steep_warp_covers_every_step():
                for _ in range(8)]  # fmt: skip
     assert exact > 1.0, exact  # the commit at t_min = 1/64 sits at almost pure noise
     assert min(est) > 0.5 * exact and max(est) < 2 * exact, (est, exact)
+
+
+def _excess(a, b):
+    diff = (a - b).flatten()
+    return diff.mean().item(), (diff.std() / diff.numel() ** 0.5).item()
+
+
+@pytest.mark.parametrize("reverse", ["gaussian", "mixture"])
+@pytest.mark.parametrize("mid", [-9.0, 2.0])
+def test_under_a_steep_warp_the_exact_bound_is_true_and_the_estimators_are_unbiased(reverse, mid):
+    """The exact unigram posterior: the exact 16-step bound is the entropy (mixture) or above
+    it (Gaussian-mean step); the one-draw estimators' means equal the exact bound (block(4) as
+    two-stream, diagonal as single-stream; 2048 rows, so every step is drawn)."""
+    from flowtext import policies
+    from flowtext.objectives import block_grid, discrete_elbo, single_stream_loss, with_t_min
+
+    sched = steep_info_uniform(mid)
+    net, tokens, info, g = oracle(sched, seed=3, rows=2048, length=8)
+    sync = block_grid(8, 4, 8, None)  # block(4), 8 steps per block, t_min = 1/8
+    diag = with_t_min(policies.get("diagonal", width=0.5).grid(8, 16, dtype=F64), 1 / 8)
+    with torch.no_grad():
+        exact = {k: discrete_elbo(net, tokens, gr, sched, generator=g, reverse=reverse)
+                 for k, gr in (("block", sync), ("diag", diag))}  # fmt: skip
+        two = two_stream_loss(
+            net, tokens, sched, block_size=4, steps_per_block=8, generator=g, reverse=reverse
+        )
+        single = single_stream_loss(net, tokens, diag, sched, generator=g, reverse=reverse)
+    for key in exact:
+        m, se = _excess(exact[key], info)
+        if reverse == "mixture":
+            assert abs(m) < 4.5 * se, (key, m, se)
+        else:
+            assert m > -4.5 * se, (key, m, se)
+    for key, est in (("block", two.nats), ("diag", single.nats)):
+        m, se = _excess(est, exact[key])
+        assert abs(m) < 4.5 * se, (key, m, se)
