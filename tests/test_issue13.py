@@ -219,3 +219,45 @@ def test_under_a_steep_warp_the_exact_bound_is_true_and_the_estimators_are_unbia
     for key, est in (("block", two.nats), ("diag", single.nats)):
         m, se = _excess(est, exact[key])
         assert abs(m) < 4.5 * se, (key, m, se)
+
+
+@pytest.mark.parametrize("block,m", [(8, 16), (2, 8), (1, 1)])
+def test_a_covering_estimate_keeps_the_batch_shape_and_every_side_output(block, m):
+    """Copies are folded back per row: nats, ce, t, scored, difficulty ``[B, L]``; the AR bound
+    is the uncovered one (it draws no step); the balanced draw reads every sub-step."""
+    from flowtext.objectives import covering_copies, single_stream_loss, with_t_min
+    from tests.test_objectives import tiny_net
+
+    net = tiny_net(0)
+    sched = InfoUniform()
+    tokens = torch.randint(0, 11, (3, 8), generator=torch.Generator().manual_seed(0))
+    kw = dict(block_size=block, steps_per_block=m, ar=True, difficulty=True)
+    with torch.no_grad():
+        plain = two_stream_loss(net, tokens, sched, generator=torch.Generator(), **kw)
+        cov = two_stream_loss(net, tokens, sched, generator=torch.Generator(), cover=True, **kw)
+        grid = with_t_min(policies_grid(8, 24), 0.25)
+        single = single_stream_loss(net, tokens, grid, sched, ar=True, cover=True)
+    for terms in (cov, single):
+        for v in (terms.nats, terms.ce, terms.t, terms.scored, terms.difficulty, terms.ar_nats):
+            assert v.shape == tokens.shape
+    torch.testing.assert_close(cov.ar_nats, plain.ar_nats)
+    torch.testing.assert_close(single.ar_nats, plain.ar_nats)
+    assert covering_copies(3 * -(-8 // block), m) == max(1, -(-m // (3 * -(-8 // block))))
+
+
+def policies_grid(length, steps):
+    from flowtext import policies
+
+    return policies.get("diagonal", width=0.5).grid(length, steps, dtype=F64)
+
+
+def test_the_balanced_draw_is_uniform_and_hits_every_step():
+    from flowtext.objectives import _draw_steps
+
+    g = torch.Generator().manual_seed(0)
+    counts = torch.zeros(7)
+    for _ in range(2000):
+        k = _draw_steps(10, 7, "stratified", g, True)
+        assert set(k.tolist()) == set(range(1, 8))  # every step, at least once
+        counts += torch.bincount(k[:1] - 1, minlength=7)  # the first draw's law
+    assert (counts / 2000 - 1 / 7).abs().max() < 0.03, counts / 2000
