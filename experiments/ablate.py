@@ -26,6 +26,7 @@ import dataclasses
 import inspect
 import itertools
 import json
+import math
 from pathlib import Path
 
 import torch
@@ -86,17 +87,20 @@ def train(lm: FlowLM, rows: torch.Tensor, args) -> None:
 
 def evaluate(lm: FlowLM, val: list[torch.Tensor], args) -> dict:
     """Bits/byte of the AR bound and of the synchronous and ``block(B)`` bounds at each
-    steps-per-block (the model in evaluation mode: every step of each grid is drawn)."""
-    n_blocks = -(-args.length // args.block)
+    steps-per-block (the model in evaluation mode: every step of each grid is drawn), and
+    ``"se"``: the largest standard error among them (over batches times repeats)."""
+    n_blocks, ses = -(-args.length // args.block), []
     g = torch.Generator().manual_seed(args.seed + 1)
     out = {"ar": bound_bpb(lm, val, Block(size=1), args.length, bytes_per_token=1.0,
                            repeats=1, generator=g)[0]}  # fmt: skip
     for m in args.steps_per_block:
         g = torch.Generator().manual_seed(args.seed + 1)  # common random numbers
         kw = dict(bytes_per_token=1.0, repeats=args.repeats, generator=g)
-        out[("sync", m)] = bound_bpb(lm, val, "synchronous", m, **kw)[0]
+        out[("sync", m)], se_sync = bound_bpb(lm, val, "synchronous", m, **kw)
         block = Block(size=args.block)
-        out[("block", m)] = bound_bpb(lm, val, block, n_blocks * m, **kw)[0]
+        out[("block", m)], se_block = bound_bpb(lm, val, block, n_blocks * m, **kw)
+        ses += [se_sync, se_block]
+    out["se"] = max(ses) if not any(math.isnan(v) for v in ses) else math.nan  # nan: one value
     return out
 
 
@@ -170,6 +174,7 @@ def main(argv=None) -> int:
             {"family": fam, "reverse": rev, "schedule": sch, "ar_bpb": res["ar"]}
             | {f"sync_bpb@{k}": res[("sync", k)] for k in (min(args.steps_per_block), m)}
             | {f"block{args.block}_bpb@{k}": res[("block", k)] for k in args.steps_per_block}
+            | {"max_se": res["se"]}
         )
     lines = [f"# ablation ({args.steps} steps per model; {hardware()})", ""]
     lines += md_table(rows)
