@@ -116,6 +116,7 @@ def figure(results: dict, args, path: Path) -> None:
         ms = list(args.steps_per_block)
         ax.plot(ms, [res[("block", m)] for m in ms], marker="o", label=name)
     ax.set_xscale("log", base=2)
+    ax.set_yscale("log")  # the Gaussian-mean step on cosine reaches thousands of bits/byte
     ax.set_xlabel(f"steps per block (network evaluations per block of {args.block})")
     ax.set_ylabel("validation bound, bits/byte")
     ax.set_title(f"ablation at {args.steps} training steps")
