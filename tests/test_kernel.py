@@ -366,6 +366,59 @@ def layouts(gen, length):
     }
 
 
+def _runs_kernel(QSUM, KSUM, OUT, LQ, LK, NGQ, NGK, BLOCK_M, BLOCK_N, SCAN_KEYS):
+    """``_block_runs`` of every program (query tiles if ``SCAN_KEYS``, else key tiles), stored."""
+    import triton.language as tl
+
+    pid, b = tl.program_id(0), tl.program_id(1).to(tl.int64)
+    start = pid * (BLOCK_M if SCAN_KEYS else BLOCK_N)
+    lo1, hi1, lo2, hi2, f_lo, f_hi = K._tiles._block_runs(
+        QSUM, KSUM, b, NGQ, NGK, start, LQ, LK, BLOCK_M, BLOCK_N, SCAN_KEYS
+    )
+    slot = OUT + (b * tl.num_programs(0) + pid) * 6
+    for i, x in enumerate((lo1, hi1, lo2, hi2, f_lo, f_hi)):
+        tl.store(slot + i, x)
+
+
+def reference_runs(row):
+    """The runs of one row of tile classes, as ``_block_runs`` documents them."""
+    may, full, nb = (row != 0).tolist(), (row == 2).tolist(), len(row)
+    first = lambda flags, lo: next((i for i in range(lo, nb) if flags[i]), nb)  # noqa: E731
+    lo1 = first(may, 0)
+    hi2 = max((i + 1 for i in range(nb) if may[i]), default=0)
+    hi1 = min(first([not m for m in may], lo1 + 1), hi2)
+    f_lo = first(full, 0)
+    return [lo1, hi1, first(may, hi1 + 1), hi2, f_lo, first([not f for f in full], f_lo + 1)]
+
+
+@pytest.mark.skipif(ON_GPU, reason="a test kernel for the interpreter (the logic is the same)")
+@pytest.mark.parametrize("scan_keys", [True, False], ids=["rows", "columns"])
+def test_block_runs_follow_the_tile_classes(scan_keys):
+    """One scan finds the runs of every row / column (rows: over two 64-tile chunks), gaps too."""
+    import triton
+
+    kernel = triton.jit(_runs_kernel)
+    gen = torch.Generator().manual_seed(2)
+    length = 16 * 70 if scan_keys else 16 * 20  # rows: 70 key tiles of 16, two scan chunks
+    lq = 64 if scan_keys else length  # rows: the last 64 tokens query (the interpreter is slow)
+    layouts = [two_stream(gen, 1, length // 2, 48)]
+    layouts.append(single_stream(gen, 1, length, p_committed=0.6, p_one=0.1, n_orders=40,
+                                 live_groups=True))  # fmt: skip
+    second_runs = 0
+    for t, o in layouts:
+        s = K.tile_summaries(t[:, -lq:], o[:, -lq:], t, o)
+        cls = s.classes(16, 16)
+        rows = cls if scan_keys else cls.transpose(1, 2)
+        out = torch.zeros(1, rows.shape[1], 6, dtype=torch.int32)
+        kernel[(rows.shape[1], 1)](
+            s.q, s.k, out, lq, length, s.q.shape[2], s.k.shape[2], 16, 16, scan_keys
+        )
+        expect = [reference_runs(r) for r in rows[0]]
+        assert out[0].tolist() == expect
+        second_runs += sum(r[2] < r[3] for r in expect)
+    assert second_runs > 0
+
+
 @pytest.mark.parametrize("tiles", TILES, ids=lambda c: f"{c.block_m}x{c.block_n}")
 def test_tile_classes_exact_on_sorted_layouts(tiles):
     """Block-aligned sorted layouts: the kernel's classes equal the dense mask's, tile by tile."""

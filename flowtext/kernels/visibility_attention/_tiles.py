@@ -223,6 +223,10 @@ def _block_runs(
     ``[lo2, hi2)`` everything that may be visible after it (gaps included, conservatively);
     ``[f_lo, f_hi)`` is the first run of fully visible tiles (inside one of the two). Loops over
     such ranges have no branch, so Triton can software-pipeline their loads.
+
+    One pass over the chunks, in increasing order: a run's start, once found in a chunk, is
+    final (later chunks hold larger blocks), so its end and the next run's start can be searched
+    in the same chunk and every later one.
     """
     if SCAN_KEYS:
         nb = (LK + BLOCK_N - 1) // BLOCK_N + tl.full([], 0, tl.int32)
@@ -230,41 +234,23 @@ def _block_runs(
     else:
         nb = (LQ + BLOCK_M - 1) // BLOCK_M + tl.full([], 0, tl.int32)
         f0, f1, f2, f3, f4 = _tile_summary(KSUM, b, NGK, start_fixed, BLOCK_N)
-    lo1 = nb
+    lo1, hi1, lo2, f_lo, f_hi = nb, nb, nb, nb, nb
     hi2 = nb * 0
-    f_lo = nb
     for c in range(0, nb, SCAN_CHUNK):
         blk = c + tl.arange(0, SCAN_CHUNK)
         may, full = _scan_class(
             QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_fixed, blk, nb, LQ, LK,
             BLOCK_M, BLOCK_N, SCAN_KEYS,
         )  # fmt: skip
+        inside = blk < nb
         lo1 = tl.minimum(lo1, _reduce_min(tl.where(may, blk, nb), 0))
         hi2 = tl.maximum(hi2, _reduce_max(tl.where(may, blk + 1, 0), 0))
+        hi1 = tl.minimum(hi1, _reduce_min(tl.where((~may) & (blk > lo1) & inside, blk, nb), 0))
+        lo2 = tl.minimum(lo2, _reduce_min(tl.where(may & (blk > hi1), blk, nb), 0))
         f_lo = tl.minimum(f_lo, _reduce_min(tl.where(full, blk, nb), 0))
-    hi1 = hi2  # one run, no second run and an empty full run unless found below
-    lo2 = nb
-    f_hi = nb
-    if (hi2 - lo1 > 1) | (f_lo < nb):  # look for the first gap, and the end of the full run
-        for c in range(0, nb, SCAN_CHUNK):
-            blk = c + tl.arange(0, SCAN_CHUNK)
-            may, full = _scan_class(
-                QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_fixed, blk, nb, LQ, LK,
-                BLOCK_M, BLOCK_N, SCAN_KEYS,
-            )  # fmt: skip
-            inside = blk < nb
-            hi1 = tl.minimum(hi1, _reduce_min(tl.where((~may) & (blk > lo1) & inside, blk, nb), 0))
-            not_full = (~full) & (blk > f_lo) & inside
-            f_hi = tl.minimum(f_hi, _reduce_min(tl.where(not_full, blk, nb), 0))
-    if hi1 < hi2:  # a gap: the second run starts at the next tile that may be visible
-        for c in range(0, nb, SCAN_CHUNK):
-            blk = c + tl.arange(0, SCAN_CHUNK)
-            may, _ = _scan_class(
-                QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_fixed, blk, nb, LQ, LK,
-                BLOCK_M, BLOCK_N, SCAN_KEYS,
-            )  # fmt: skip
-            lo2 = tl.minimum(lo2, _reduce_min(tl.where(may & (blk > hi1), blk, nb), 0))
-    return lo1, hi1, lo2, hi2, f_lo, f_hi
+        not_full = (~full) & (blk > f_lo) & inside
+        f_hi = tl.minimum(f_hi, _reduce_min(tl.where(not_full, blk, nb), 0))
+    return lo1, tl.minimum(hi1, hi2), lo2, hi2, f_lo, f_hi
 
 
 @triton.jit
