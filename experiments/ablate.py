@@ -150,7 +150,7 @@ def parse(argv=None) -> argparse.Namespace:
     args.steps_per_block = (2, 4, 8, 16, 64)
     if args.quick:
         args.steps, args.batch, args.length, args.width, args.layers = 4, 4, 16, 32, 1
-        args.train_steps, args.fit_every, args.val_batches, args.repeats = 4, 2, 1, 1
+        args.train_steps, args.fit_every, args.val_batches, args.repeats = 4, 2, 1, 2
         args.steps_per_block = (2, 4)
     return args
 
