@@ -22,8 +22,16 @@ A second phase, again concurrent, measures training tokens/s at EQUAL sizes: the
 ``ar-tiny``'s width, depth, heads and MLP ratio against ``ar-tiny``'s own training loss
 (``training_loss``), both in the same bare AdamW loop, for ``--bench-seconds``.
 
+``--step-only`` measures just the training step at equal sizes, in ONE process and thread: the
+plain GPT's and ``ar-tiny``'s optimizer steps (loss, backward, clip, AdamW; no data loading, no
+Lightning) on one fixed batch of ``ar-tiny``'s shape, in ``--rounds`` interleaved rounds of
+``--iters`` steps each, and keeps each model's best round of CPU time (``time.process_time``):
+a shared machine slows both alike, and the best round is the least disturbed one.
+``--profile N`` then prints the ``torch.profiler`` table (N rows) of a few steps of each.
+
     python benchmarks/ar_vs_gpt.py --minutes 4 --out runs/ar_vs_gpt
     python benchmarks/ar_vs_gpt.py --quick        # seconds, tiny sizes (the tests)
+    python benchmarks/ar_vs_gpt.py --step-only [--rounds 10 --iters 3 --profile 30]
 """
 
 from __future__ import annotations
@@ -32,13 +40,16 @@ import argparse
 import csv
 import hashlib
 import json
+import math
 import multiprocessing as mp
 import os
 import shlex
+import subprocess
 import sys
 import sysconfig
 import tempfile
 import time
+from collections.abc import Callable
 from datetime import datetime, timezone
 from pathlib import Path
 
@@ -49,7 +60,14 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path[:0] = [str(HERE), str(ROOT)]
 
-from plain_gpt import GPTConfig, PlainGPT, batches_forever, token_nats, train_for  # noqa: E402
+from plain_gpt import (  # noqa: E402
+    GPTConfig,
+    PlainGPT,
+    batches_forever,
+    make_step,
+    token_nats,
+    train_for,
+)
 
 from flowtext.data import ByteTokenizer, FlowTextDataModule  # noqa: E402
 from flowtext.objectives import LN2, two_stream_loss  # noqa: E402
@@ -316,6 +334,140 @@ def run_pair(spec: dict, tmp: Path) -> dict[str, dict]:
     return {role: json.loads(paths[role].read_text()) for role in WORKERS}
 
 
+# --------------------------------------------------------------------------------- step only
+StepFn = Callable[[torch.Tensor], torch.Tensor]
+
+
+def step_models(spec: dict) -> tuple[dict[str, StepFn], dict[str, int]]:
+    """The two optimizer steps at equal sizes, ``gpt`` then ``ar-tiny``, and parameter counts.
+
+    ``ar-tiny`` is the model the CLI builds from the config (overrides in); its step is the loss
+    it trains on (:meth:`~flowtext.lm.FlowLM.training_loss`), the GPT's its mean token NLL; both
+    go through :func:`plain_gpt.make_step` (AdamW, clip 1.0).
+    """
+    from flowtext.training import cli_main
+
+    torch.manual_seed(spec["seed"])
+    gpt = PlainGPT(GPTConfig(**spec["gpt_equal"]))
+    lm = cli_main(["--config", str(CONFIG), *spec["flow_overrides"]], run=False).model.train()
+    bos = ByteTokenizer().bos_id
+    steps = {
+        "gpt": make_step(lambda b: token_nats(gpt, b, bos).mean(), list(gpt.parameters())),
+        "ar-tiny": make_step(lambda b: lm.training_loss(b)[0], list(lm.parameters())),
+    }
+    params = {"gpt": sum(p.numel() for p in gpt.parameters())}
+    params["ar-tiny"] = sum(p.numel() for p in lm.parameters())
+    return steps, params
+
+
+def interleaved_steps(
+    steps: dict[str, StepFn], batch: torch.Tensor, rounds: int, iters: int, warmup: int
+) -> dict[str, float]:
+    """Best CPU seconds per step of each model over ``rounds`` interleaved rounds.
+
+    Args:
+        steps: Step functions by name (run in this order in every round).
+        batch: The batch every step trains on, ``[B, L]``.
+        rounds: Rounds; each runs ``iters`` steps of every model in turn.
+        iters: Steps per model and round (one clock reading around them).
+        warmup: Untimed steps of each model first.
+
+    Returns:
+        ``{name: seconds per step}``, the least of the rounds (``time.process_time``).
+    """
+    for step in steps.values():
+        for _ in range(warmup):
+            step(batch)
+    best = dict.fromkeys(steps, math.inf)
+    for _ in range(rounds):
+        for name, step in steps.items():
+            c0 = time.process_time()
+            for _ in range(iters):
+                step(batch)
+            best[name] = min(best[name], (time.process_time() - c0) / iters)
+    return best
+
+
+def profile_steps(steps: dict[str, StepFn], batch: torch.Tensor, rows: int) -> None:
+    """Print the ``torch.profiler`` table (self CPU time, ``rows`` rows) of 3 steps of each."""
+    from torch.profiler import ProfilerActivity, profile
+
+    for name, step in steps.items():
+        step(batch)
+        with profile(activities=[ProfilerActivity.CPU]) as prof:
+            for _ in range(3):
+                step(batch)
+        print(f"=== {name}, 3 steps")
+        print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=rows))
+
+
+def _commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def step_only(args: argparse.Namespace) -> dict:
+    """Time both steps interleaved in this process (one thread); print and return the row."""
+    torch.set_num_threads(1)
+    with tempfile.TemporaryDirectory() as tmp:
+        spec = make_spec(args, Path(tmp) / "ar-tiny-run")
+        steps, params = step_models(spec)
+        data = spec["data"]
+        gen = torch.Generator().manual_seed(args.seed)
+        batch = torch.randint(0, 256, (data["batch_size"], data["seq_len"]), generator=gen)
+        load_before = os.getloadavg()
+        best = interleaved_steps(steps, batch, args.rounds, args.iters, args.warmup)
+        load_after = os.getloadavg()
+        if args.profile:
+            profile_steps(steps, batch, args.profile)
+    row = {
+        "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "commit": _commit(),
+        "batch": f"{data['batch_size']}x{data['seq_len']}",
+        "rounds": args.rounds,
+        "iters": args.iters,
+        "gpt_cpu_s_per_step": best["gpt"],
+        "ar_cpu_s_per_step": best["ar-tiny"],
+        "gpt_tokens_per_cpu_s": batch.numel() / best["gpt"],
+        "ar_tokens_per_cpu_s": batch.numel() / best["ar-tiny"],
+        "ratio_ar_over_gpt": best["gpt"] / best["ar-tiny"],
+        "gpt_params": params["gpt"],
+        "ar_params": params["ar-tiny"],
+        "loadavg_before": " ".join(f"{x:.2f}" for x in load_before),
+        "loadavg_after": " ".join(f"{x:.2f}" for x in load_after),
+    }
+    print("\n".join(step_markdown(row)))
+    return row
+
+
+def step_markdown(row: dict) -> list[str]:
+    """The step-only table (markdown lines)."""
+    r = row
+    return [
+        f"training step at equal width and depth, batch {r['batch']}, one thread, best of "
+        f"{r['rounds']} interleaved rounds of {r['iters']} steps (CPU time), commit {r['commit']}",
+        "",
+        "| | plain GPT | ar-tiny | ar-tiny / GPT |",
+        "|---|---|---|---|",
+        f"| CPU ms per step | {1e3 * r['gpt_cpu_s_per_step']:.1f} "
+        f"| {1e3 * r['ar_cpu_s_per_step']:.1f} "
+        f"| {r['ar_cpu_s_per_step'] / r['gpt_cpu_s_per_step']:.3f} |",
+        f"| tokens per CPU second | {r['gpt_tokens_per_cpu_s']:.0f} "
+        f"| {r['ar_tokens_per_cpu_s']:.0f} | {r['ratio_ar_over_gpt']:.3f} |",
+        f"| parameters | {r['gpt_params']} | {r['ar_params']} | |",
+        "",
+        f"load average (1/5/15 min) before {r['loadavg_before']}, after {r['loadavg_after']}",
+    ]
+
+
 # ------------------------------------------------------------------------------------ report
 def summary_row(res: dict[str, dict], meta: dict) -> dict:
     """One flat row: the numbers the issue asks for, plus provenance."""
@@ -396,6 +548,19 @@ def write_outputs(out: Path, row: dict, details: dict) -> None:
     (out / "ar_vs_gpt.md").write_text("\n".join(markdown(row)) + "\n")
 
 
+def write_step_outputs(out: Path, row: dict) -> None:
+    """``ar_vs_gpt_steps.csv`` (one row appended) and ``ar_vs_gpt_steps.md`` (this run)."""
+    out.mkdir(parents=True, exist_ok=True)
+    path = out / "ar_vs_gpt_steps.csv"
+    new = not path.exists()
+    with path.open("a", newline="") as fh:
+        writer = csv.DictWriter(fh, fieldnames=list(row))
+        if new:
+            writer.writeheader()
+        writer.writerow(row)
+    (out / "ar_vs_gpt_steps.md").write_text("\n".join(step_markdown(row)) + "\n")
+
+
 # -------------------------------------------------------------------------------------- main
 def parse(argv=None) -> argparse.Namespace:
     """Command-line options."""
@@ -407,9 +572,15 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--heldout-kib", type=int, default=256, help="held-out KiB per package")
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--step-only", action="store_true", help="time the two steps, one process")
+    p.add_argument("--rounds", type=int, default=10, help="--step-only: interleaved rounds")
+    p.add_argument("--iters", type=int, default=3, help="--step-only: steps per round")
+    p.add_argument("--warmup", type=int, default=2, help="--step-only: untimed steps first")
+    p.add_argument("--profile", type=int, default=0, help="--step-only: profiler table rows")
     args = p.parse_args(argv)
     if args.quick:
         args.minutes, args.bench_seconds, args.heldout_kib = 3 / 60, 1.0, 2
+        args.rounds, args.iters, args.warmup = min(args.rounds, 2), 1, 1
     return args
 
 
@@ -443,6 +614,11 @@ def make_spec(args: argparse.Namespace, run_dir: Path) -> dict:
 def main(argv=None) -> int:
     """Train both, print the table, write ``--out`` files; returns the exit code."""
     args = parse(argv)
+    if args.step_only:
+        row = step_only(args)
+        if args.out:
+            write_step_outputs(Path(args.out), row)
+        return 0
     with tempfile.TemporaryDirectory() as tmp_name:
         tmp = Path(tmp_name)
         run_dir = Path(args.out) / "ar-tiny-run" if args.out else tmp / "ar-tiny-run"

@@ -105,6 +105,37 @@ def batches_forever(loader: Iterable) -> Iterator[Tensor]:
             yield batch["tokens"] if isinstance(batch, dict) else batch
 
 
+def make_step(
+    loss_fn: Callable[[Tensor], Tensor],
+    params: list[nn.Parameter],
+    *,
+    lr: float = 1e-3,
+    clip: float = 1.0,
+) -> Callable[[Tensor], Tensor]:
+    """One optimizer step as a function of the batch: loss, backward, clip, AdamW.
+
+    Args:
+        loss_fn: Scalar loss of a batch ``[B, L]``.
+        params: Parameters to train (one AdamW over them, constant learning rate).
+        lr: Learning rate.
+        clip: Gradient norm clip.
+
+    Returns:
+        ``step(batch) -> loss`` (the loss before the update).
+    """
+    opt = torch.optim.AdamW(params, lr=lr)
+
+    def step(batch: Tensor) -> Tensor:
+        loss = loss_fn(batch)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, clip)
+        opt.step()
+        return loss
+
+    return step
+
+
 def train_for(
     loss_fn: Callable[[Tensor], Tensor],
     params: list[nn.Parameter],
@@ -129,17 +160,13 @@ def train_for(
         process's CPU time: less than ``seconds`` on a busy machine), ``tokens_per_s`` and
         ``last_loss``.
     """
-    opt = torch.optim.AdamW(params, lr=lr)
+    step = make_step(loss_fn, params, lr=lr, clip=clip)
     steps = tokens = 0
     loss = torch.tensor(float("nan"))
     t0, c0 = time.perf_counter(), time.process_time()
     while time.perf_counter() - t0 < seconds:
         batch = next(batches)
-        loss = loss_fn(batch)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, clip)
-        opt.step()
+        loss = step(batch)
         steps, tokens = steps + 1, tokens + batch.numel()
     elapsed = time.perf_counter() - t0
     return {
