@@ -330,6 +330,9 @@ class InfoUniform(NoiseSchedule):
         frozen: Start frozen.
     """
 
+    NOISE_Z: float = 4.0
+    """A rise of fewer standard errors is noise to :meth:`fit`; of twice as many, fully real."""
+
     def __init__(
         self,
         base: NoiseSchedule | str = "cosine",
@@ -357,6 +360,7 @@ class InfoUniform(NoiseSchedule):
         self.n_bins, self.log_snr_range = n_bins, (lo, hi)
         self._n_seg = self._knots.numel() - 1  # bins, the two beyond the range included
         self._ema_sum = torch.zeros(self._n_seg, dtype=torch.float64)
+        self._ema_sq = torch.zeros(self._n_seg, dtype=torch.float64)
         self._ema_weight = torch.zeros(self._n_seg, dtype=torch.float64)
         self._ema_tokens = torch.zeros(self._n_seg, dtype=torch.float64)
         self._set_density(torch.ones(self._n_seg + 1, dtype=torch.float64))
@@ -486,8 +490,10 @@ class InfoUniform(NoiseSchedule):
         b = self.bin_of(log_snr).reshape(-1)
         count = torch.bincount(b, minlength=self._n_seg).to(torch.float64)
         mean = torch.bincount(b, weights=ce, minlength=self._n_seg) / count.clamp_min(1)
+        sq = torch.bincount(b, weights=ce * ce, minlength=self._n_seg) / count.clamp_min(1)
         seen, k = count > 0, self.decay
         self._ema_sum = torch.where(seen, k * self._ema_sum + (1 - k) * mean, self._ema_sum)
+        self._ema_sq = torch.where(seen, k * self._ema_sq + (1 - k) * sq, self._ema_sq)
         self._ema_weight = torch.where(seen, k * self._ema_weight + (1 - k), self._ema_weight)
         self._ema_tokens = k * self._ema_tokens + count  # effective sample size per bin
 
@@ -504,9 +510,13 @@ class InfoUniform(NoiseSchedule):
         """Refit the warp so that the averaged cross-entropy becomes linear in ``t``.
 
         Unseen bins are interpolated, the curve is made non-decreasing in base time (isotonic
-        regression weighted by the bins' token counts), read at the bin edges, differentiated
-        into a density and mixed with the identity by ``floor``. A flat curve (no information
-        anywhere) gives the identity.
+        regression weighted by the bins' token counts) and read at the bin edges (flat beyond
+        the outer estimates). Only what the estimates locate is warped: the cross-entropy is
+        pinned to 0 at ``u = 0`` (a clean token's commit cross-entropy), and the part of the
+        curve that no estimate places — the level below the lowest-noise estimate, and the share
+        of the observed rise within its noise (:meth:`_significant_rise`) — is spread evenly over
+        base time (the identity). The resulting density is mixed with the identity by ``floor``.
+        A flat curve, noisy or not, gives (nearly) the identity.
 
         Raises:
             ConfigError: The schedule is frozen, or fewer than two bins have data.
@@ -523,14 +533,40 @@ class InfoUniform(NoiseSchedule):
         c = isotonic_regression(c, weights=weights, increasing=True).x
         edges = self._knots.numpy()
         g = np.interp(edges, centers.numpy(), c)  # flat beyond the outer centers
-        span = g[-1] - g[0]
-        if not span > 1e-12 * max(1.0, abs(g[-1])):
+        rise = g - g[0]
+        located = self._significance() * float(rise[-1])
+        top = max(float(g[0]), 0.0) + float(rise[-1])  # c(1) - c(0), with c(0) pinned to 0
+        if not (top > 1e-12 * max(1.0, abs(float(g[-1]))) and located > 0):
             self._set_density(torch.ones(self._n_seg + 1, dtype=torch.float64))
             return
-        slopes = np.diff(g) / span / np.diff(edges)
+        slopes = (located / rise[-1]) * np.diff(rise) / np.diff(edges) + (top - located)
+        slopes = slopes / top  # dF/du on each bin: located rise + the rest spread evenly
         dens = np.concatenate([slopes[:1], 0.5 * (slopes[:-1] + slopes[1:]), slopes[-1:]])
         dens = (1 - self.floor) * dens + self.floor
         self._set_density(torch.from_numpy(dens).to(torch.float64))
+
+    def _significance(self) -> float:
+        """How much of the fitted rise to trust, in ``[0, 1]``, from a scan for any rise.
+
+        For every split of the seen bins (in base time) the pooled mean cross-entropy after
+        the split minus the one before, over its standard error (per-bin variances of the fed
+        cross-entropies, at least their pooled value, over the decayed token counts, a
+        conservative effective sample size for the moving averages); ``z`` is the largest of
+        these statistics. A flat noisy curve gives
+        ``z`` of a few units: ``0`` up to ``z = NOISE_Z``, rising linearly to ``1`` at
+        ``2 * NOISE_Z`` (:attr:`NOISE_Z`).
+        """
+        seen = self._ema_weight > 0
+        w, n = self._ema_weight[seen], self._ema_tokens[seen].clamp_min(1e-9)
+        mean = self._ema_sum[seen] / w
+        var = (self._ema_sq[seen] / w - mean * mean).clamp_min(0.0)
+        var = var.clamp_min(float((n * var).sum() / n.sum()))  # a bin of one token has var 0
+        sums = [torch.cumsum(v, 0) for v in (n, n * mean, n * var)]
+        count, total, spread = (torch.stack([v[:-1], v[-1] - v[:-1]]) for v in sums)
+        diff = total[1] / count[1] - total[0] / count[0]
+        se = torch.sqrt(spread[0] / count[0] ** 2 + spread[1] / count[1] ** 2)
+        z = torch.where(se > 0, diff / se.clamp_min(1e-300), torch.where(diff > 0, math.inf, 0.0))
+        return float((z.max() / self.NOISE_Z - 1).clamp(0.0, 1.0))
 
     # ------------------------------------------------------------------ state
 
@@ -540,6 +576,7 @@ class InfoUniform(NoiseSchedule):
             "knots": self._knots.clone(),
             "density": self._raw.clone(),
             "ema_sum": self._ema_sum.clone(),
+            "ema_sq": self._ema_sq.clone(),
             "ema_weight": self._ema_weight.clone(),
             "ema_tokens": self._ema_tokens.clone(),
             "frozen": bool(self.frozen),
@@ -564,6 +601,9 @@ class InfoUniform(NoiseSchedule):
             raise CheckpointError("info-uniform state has a bad density (shape, sign or NaN)")
         self._ema_sum = torch.as_tensor(state["ema_sum"], dtype=torch.float64).clone()
         self._ema_weight = torch.as_tensor(state["ema_weight"], dtype=torch.float64).clone()
+        # a state saved before squares were kept: its bins count as noiseless
+        sq = state.get("ema_sq", self._ema_sum**2 / self._ema_weight.clamp_min(1e-300))
+        self._ema_sq = torch.as_tensor(sq, dtype=torch.float64).clone()
         self._ema_tokens = torch.as_tensor(state["ema_tokens"], dtype=torch.float64).clone()
         self.frozen = bool(state["frozen"])
         self._set_density(dens.clone())

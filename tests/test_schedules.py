@@ -29,8 +29,9 @@ def fitted_info_uniform(base="cosine", mid=-2.0, width=1.0, n_bins=32, seed=0):
 def fitted_to_noise(n_bins=32):
     """An info-uniform schedule fitted as a barely trained model feeds it (the ablation's
     ``evo gaussian info-uniform``): cross-entropies that fall with the noise except for one
-    rise at very high noise. Isotonic regression squeezes almost the whole time axis into the
-    bins of that rise: ``w(1/64) ~ 0.98``."""
+    rise at very high noise, and no data below the smallest trained time. Normalized by that
+    rise alone, the fit squeezed almost the whole time axis into its bins (``w(1/64) ~ 0.98``);
+    with the cross-entropy pinned to 0 at ``u = 0`` the rise is a tenth of the curve."""
     s = schedules.get("info-uniform", n_bins=n_bins)
     lam = torch.linspace(-10, 4, 400, dtype=F64)
     s.update(lam, 4.0 + 0.05 * lam + 0.4 * torch.sigmoid(-(lam + 8.5) / 0.3))
@@ -321,3 +322,51 @@ def test_a_warp_fitted_to_any_data_keeps_the_endpoints_and_is_strictly_monotone(
         tm = t[-1:]
         torch.testing.assert_close(s.alpha(tm), s.base.alpha(s.warp(tm)), rtol=0, atol=0)
         torch.testing.assert_close(s.sigma(tm), s.base.sigma(s.warp(tm)), rtol=0, atol=0)
+
+
+# ---------------------------------------------------------------------------------------------
+# Degenerate data: no warp where the estimates locate no rise
+
+
+def fed_flat(rare, *, steps=60, seed=0):
+    """Fed as a trainer would, by a model whose cross-entropy does not depend on the noise:
+    per-token values exponential around 3 nats, or (``rare``) 0 but for one token in 500 at
+    5 nats, so the noise of the bins' averages is as large as their level; a fit every 20
+    steps."""
+    s = schedules.get("info-uniform")
+    g = torch.Generator().manual_seed(seed)
+    for i in range(steps):
+        t = torch.rand(2048, generator=g, dtype=F64)
+        if rare:
+            ce = 5.0 * (torch.rand(t.shape, generator=g, dtype=F64) < 0.002)
+        else:
+            ce = 3.0 * torch.empty_like(t).exponential_(1.0, generator=g)
+        s.update(s.log_snr(t), ce)
+        if i % 20 == 19:
+            s.fit()
+    return s
+
+
+@pytest.mark.parametrize("rare", [False, True], ids=["exponential", "rare"])
+@pytest.mark.parametrize("seed", [0, 1])
+def test_a_noisy_flat_curve_gives_a_near_identity_warp(rare, seed, monkeypatch):
+    t = torch.linspace(0, 1, 257, dtype=F64)
+    s = fed_flat(rare, seed=seed)
+    assert (s.warp(t) - t).abs().max() < 0.02
+    assert s.warp(torch.tensor([1 / 64], dtype=F64)) < 0.03
+    if rare:  # here the pin does not help: the significance gate is what keeps the identity
+        monkeypatch.setattr(schedules.InfoUniform, "NOISE_Z", 1e-9)
+        assert (fed_flat(rare, seed=seed).warp(t) - t).abs().max() > 0.1
+
+
+def test_a_rise_at_very_high_noise_over_a_flat_curve_keeps_small_times_small():
+    """The ablation's degenerate warp: the pin to 0 at ``u = 0`` makes the rise at very high
+    noise a tenth of the curve, so ``w(1/64)`` stays near ``1/64`` (it was 0.978); the same rise
+    from 0 is all the information there is, and the warp squeezes the axis into it."""
+    s = fitted_to_noise()
+    assert s.warp(torch.tensor([1 / 64], dtype=F64)) < 0.03
+    alone = schedules.get("info-uniform", n_bins=32)
+    lam = torch.linspace(-10, 4, 400, dtype=F64)
+    alone.update(lam, 0.4 * torch.sigmoid(-(lam + 8.5) / 0.3))
+    alone.fit()
+    assert alone.warp(torch.tensor([1 / 64], dtype=F64)) > 0.5
