@@ -514,7 +514,7 @@ class InfoUniform(NoiseSchedule):
         the outer estimates). Only what the estimates locate is warped: the cross-entropy is
         pinned to 0 at ``u = 0`` (a clean token's commit cross-entropy), and the part of the
         curve that no estimate places — the level below the lowest-noise estimate, and the share
-        of the observed rise within its noise (:meth:`_significant_rise`) — is spread evenly over
+        of the observed rise within its noise (:meth:`_significance`) — is spread evenly over
         base time (the identity). The resulting density is mixed with the identity by ``floor``.
         A flat curve, noisy or not, gives (nearly) the identity.
 
