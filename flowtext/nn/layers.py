@@ -29,10 +29,40 @@ __all__ = [
 ]
 
 _EPS = 1e-6
+_CPU_NORM_DTYPES = (torch.float32, torch.float64)
+_compiling = torch.compiler.is_compiling
+
+
+class _RMSNorm(torch.autograd.Function):
+    """``x * rsqrt(mean(x^2) + eps)`` over the last dimension, with a backward of three passes.
+
+    PyTorch's CPU ``rms_norm`` is its decomposition (power, mean, add, rsqrt, product, each with
+    its own backward), about twice the time of this forward and backward at ``d = 128``.
+    """
+
+    @staticmethod
+    def forward(ctx, x: Tensor) -> Tensor:
+        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _EPS)
+        y = x * r
+        ctx.save_for_backward(y, r)
+        return y
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, g: Tensor) -> Tensor:
+        # d/dx of x r: r (g - y mean(g y)), with y = x r
+        y, r = ctx.saved_tensors
+        return torch.addcmul(g, y, (g * y).mean(-1, keepdim=True), value=-1.0).mul_(r)
 
 
 def rms_norm(x: Tensor) -> Tensor:
-    """RMS normalization over the last dimension, without learned affine parameters."""
+    """RMS normalization over the last dimension, without learned affine parameters.
+
+    ``F.rms_norm`` (fused on the GPU and under ``torch.compile``), except for float32/float64
+    on the CPU, where a hand-written backward takes about half its time (same values).
+    """
+    if x.device.type == "cpu" and x.dtype in _CPU_NORM_DTYPES and not _compiling():
+        return _RMSNorm.apply(x)
     return F.rms_norm(x, (x.shape[-1],), eps=_EPS)
 
 
