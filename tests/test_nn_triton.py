@@ -100,3 +100,49 @@ def test_triton_backend_matches_sdpa():
         [sys.executable, "-c", SCRIPT], env=env, capture_output=True, text=True, timeout=600
     )
     assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]
+
+
+COMPILED = textwrap.dedent(
+    """
+    import torch
+    from flowtext.attention import LIVE
+    from flowtext.nn import FlowTransformer, FlowTransformerConfig
+
+    dev = "cuda" if torch.cuda.is_available() else "cpu"
+    torch.manual_seed(0)
+    cfg = dict(vocab_size=11, max_len=16, d_model=32, n_layers=2, n_heads=2, d_embed=8,
+               cond_dim=16, cond_rank=4, attention_backend="triton")
+    eager = FlowTransformer(FlowTransformerConfig(**cfg)).to(dev)
+    with torch.no_grad():
+        for p in eager.parameters():
+            p.add_(0.2 * torch.randn_like(p))
+    compiled = FlowTransformer(FlowTransformerConfig(**cfg, compile=True)).to(dev)
+    compiled.load_state_dict(eager.state_dict())
+    z = torch.randn(2, 12, 8, device=dev)
+    t = torch.rand(2, 12, device=dev)
+    t[:, :4] = 0.0
+    o = torch.where(t == 0, torch.arange(12, device=dev), LIVE)
+    losses = []
+    for model in (eager, compiled):
+        loss = model(z, t, o).logits.square().mean()
+        loss.backward()
+        losses.append(loss.item())
+    assert abs(losses[0] - losses[1]) < 1e-5 * abs(losses[0]), losses
+    for a, c in zip(eager.parameters(), compiled.parameters()):
+        if a.grad is not None:
+            assert (a.grad - c.grad).abs().max().item() < 1e-4
+    print("OK")
+    """
+)
+
+
+@pytest.mark.slow
+def test_compiled_blocks_run_the_kernel_outside_the_graph():
+    """``compile=True`` with the kernel: the same loss and gradients as eager (graph break)."""
+    env = dict(os.environ)
+    if not torch.cuda.is_available():
+        env["TRITON_INTERPRET"] = "1"
+    proc = subprocess.run(
+        [sys.executable, "-c", COMPILED], env=env, capture_output=True, text=True, timeout=900
+    )
+    assert proc.returncode == 0 and "OK" in proc.stdout, proc.stderr[-3000:]

@@ -10,7 +10,7 @@ pass to reuse.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Literal, get_args
+from typing import TYPE_CHECKING, Literal, get_args
 
 import torch
 
@@ -24,6 +24,9 @@ from flowtext.attention.reference import (
 )
 from flowtext.errors import ConfigError
 from flowtext.visibility import LIVE, check_times
+
+if TYPE_CHECKING:  # importing the kernel imports Triton: only when it is used
+    from flowtext.kernels import TileSummaries
 
 __all__ = [
     "BACKENDS",
@@ -65,7 +68,7 @@ class AttentionPlan:
 
     backend: str
     sdpa: SdpaLayout | None
-    summaries: Any
+    summaries: TileSummaries | None
     sources: tuple
 
 
@@ -109,6 +112,7 @@ def plan_attention(
     if resolved == "triton":
         from flowtext import kernels  # imports Triton only when used
 
+        _kernel_outside_compile()
         return AttentionPlan(resolved, None, kernels.tile_summaries(t_q, o_q, t_k, o_k), sources)
     return AttentionPlan(resolved, sdpa_layout(t_q, o_q, t_k, o_k), None, sources)
 
@@ -131,8 +135,19 @@ def _kernel(q, k, v, t_q, o_q, t_k, o_k, summaries):
     return visibility_attention(q, k, v, t_q, o_q, t_k, o_k, summaries=summaries)
 
 
-_kernel_outside_compile = torch.compiler.disable(_kernel)
-"""Under ``torch.compile`` the kernel runs eagerly (a graph break), as its own autograd Function."""
+_OUTSIDE_COMPILE: dict = {}
+
+
+def _kernel_outside_compile():
+    """:func:`_kernel` under ``torch.compiler.disable``, made once, on first use.
+
+    Under ``torch.compile`` the kernel runs eagerly (a graph break), as its own autograd
+    Function. Made by :func:`plan_attention`, outside any compiled region (it imports
+    ``torch._dynamo``, which a plain import of this package should not pay).
+    """
+    if "kernel" not in _OUTSIDE_COMPILE:
+        _OUTSIDE_COMPILE["kernel"] = torch.compiler.disable(_kernel)
+    return _OUTSIDE_COMPILE["kernel"]
 
 
 def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=None, plan=None):
@@ -163,6 +178,6 @@ def attention(q, k, v, t_q, o_q, t_k, o_k, *, backend: str = "auto", summaries=N
         _check_plan(plan, resolved, t_q, o_q, t_k, o_k)
         summaries = plan.summaries
     if resolved == "triton":
-        run = _kernel_outside_compile if torch.compiler.is_compiling() else _kernel
+        run = _kernel_outside_compile() if torch.compiler.is_compiling() else _kernel
         return run(q, k, v, t_q, o_q, t_k, o_k, summaries)
     return sdpa_attention(q, k, v, t_q, o_q, t_k, o_k, layout=plan.sdpa if plan else None)
