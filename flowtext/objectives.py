@@ -46,6 +46,7 @@ from torch import Tensor
 from flowtext.attention import two_stream_layout
 from flowtext.errors import ConfigError, ShapeError
 from flowtext.mixture import mixture_kl, snr_gap
+from flowtext.nn.latents import bind_prior_schedule
 from flowtext.schedules import NoiseSchedule
 from flowtext.visibility import LIVE
 
@@ -445,6 +446,7 @@ def autoregressive_loss(net, tokens: Tensor, schedule: NoiseSchedule) -> LossTer
         :class:`LossTerms` with ``nats = ar_nats`` (prior included) and no difficulty.
     """
     _check_tokens(tokens)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
     b, length = tokens.shape
     x_emb = net.embed(tokens)
     pos = torch.arange(length, device=tokens.device).expand(b, length)
@@ -507,6 +509,7 @@ def discrete_elbo(
         logits (:func:`next_token_readout`).
     """
     _check_tokens(tokens)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
     grid = grid.to(device=tokens.device)
     x_emb = net.embed(tokens)
     ks = commit_steps(grid)
@@ -574,6 +577,7 @@ def single_stream_loss(
         :class:`LossTerms` (``nats`` includes the prior term).
     """
     _check_tokens(tokens)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
     rows = tokens.shape[0]
     n_steps = grid.shape[0] - 1
     if cover:
@@ -654,6 +658,7 @@ def two_stream_loss(
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
     """
     _check_tokens(tokens)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
     if block_size < 1 or steps_per_block < 1:
         raise ConfigError(
             f"need block_size >= 1 and steps_per_block >= 1, got {block_size}, {steps_per_block}"
@@ -735,6 +740,7 @@ def continuous_elbo(
         Per-token nats ``[B, L]``.
     """
     _check_tokens(tokens)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
     n_points += n_points % 2
     x_emb = net.embed(tokens)
     ts = torch.linspace(t_min, 1.0, n_points + 1, dtype=torch.float64)

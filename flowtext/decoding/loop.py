@@ -12,6 +12,7 @@ from flowtext.decoding.inputs import check_rows, check_settings
 from flowtext.decoding.result import DecodeStats, GenerationResult
 from flowtext.decoding.sampling import Generators, RowNoise
 from flowtext.decoding.state import Decoder, DecodeState, initial_state, live, step
+from flowtext.nn.latents import bind_prior_schedule
 
 __all__ = ["decode", "generate"]
 
@@ -101,6 +102,7 @@ def generate(
         eos_id=eos_id, fixed_order=fixed_order, use_cache=use_cache, record=record,
     )  # fmt: skip
     rows, fixed_ids = check_rows(cfg, prompt, prompt_lengths, batch_size, fixed, length)
+    bind_prior_schedule(net, settings.schedule)  # an output prior reads this schedule's states
     param = next(net.parameters())
     dev, dtype = param.device, param.dtype
     plan = settings.policy.plan(length, settings.steps, dtype=dtype, device=dev)

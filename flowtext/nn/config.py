@@ -46,6 +46,8 @@ class FlowTransformerConfig:
     """Feed the difficulty head detached features, so its regression does not shape the trunk."""
     compile: bool = False
     """Compile each block with ``torch.compile`` (one graph shared by all layers; same weights)."""
+    output_prior: bool = False
+    """Add each token's Bayes posterior logits under a learned unigram prior to the readout."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_embed"):
@@ -75,8 +77,9 @@ class FlowTransformerConfig:
                 f"unknown attention_backend {self.attention_backend!r}; "
                 f"valid: {', '.join(BACKENDS)}"
             )
-        if not isinstance(self.compile, bool):
-            raise ConfigError(f"compile must be a bool, got {self.compile!r}")
+        for name in ("compile", "output_prior"):
+            if not isinstance(getattr(self, name), bool):
+                raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.rope_base > 1:
             raise ConfigError(f"rope_base must be > 1, got {self.rope_base!r}")
 

@@ -95,6 +95,8 @@ class AdapterConfig:
     """Context length; ``None``: the pretrained model's ``max_position_embeddings``."""
     seed: int = 0
     """Seed of the random projection that initializes the latent table."""
+    output_prior: bool = False
+    """Add each token's Bayes posterior logits under a learned unigram prior to the readout."""
 
     def __post_init__(self) -> None:
         for name in ("d_embed", "cond_rank"):
@@ -121,6 +123,7 @@ class PretrainedFlowConfig:
         dropout: The pretrained model's largest dropout rate (the flow's own parts have none);
             non-zero makes training seed the global generator per batch, for exact resumes.
         difficulty_detach: The difficulty head reads detached features.
+        output_prior: The readout adds the output prior (``AdapterConfig.output_prior``).
     """
 
     vocab_size: int
@@ -131,6 +134,7 @@ class PretrainedFlowConfig:
     model_type: str
     dropout: float = 0.0
     difficulty_detach: bool = True
+    output_prior: bool = False
 
 
 @dataclass(frozen=True, eq=False)
@@ -251,6 +255,7 @@ class PretrainedBackbone(LatentTable, nn.Module):
             n_layers=len(self._layers()),
             model_type=hf.model_type,
             dropout=max(float(getattr(hf, name, 0.0) or 0.0) for name in _DROPOUTS),
+            output_prior=adapter.output_prior,
         )
         c, d = adapter.cond_dim, d_model
         self.embedding = nn.Parameter(torch.empty(self.config.vocab_size, adapter.d_embed))
@@ -262,6 +267,7 @@ class PretrainedBackbone(LatentTable, nn.Module):
             LowRankModulation(c, adapter.cond_rank, d, n_chunks=1) for _ in self._layers()
         )
         self.difficulty_head = nn.Sequential(nn.Linear(d, d), nn.GELU(), nn.Linear(d, 1))
+        self._init_prior()  # prior_logits [V] when adapter.output_prior
         self.reset_adapters()
         self.to(model.get_input_embeddings().weight.dtype)
         self.train()  # from_pretrained returns eval mode; a module starts in train mode
@@ -361,6 +367,8 @@ class PretrainedBackbone(LatentTable, nn.Module):
             for shift in self.time_shift:
                 assert isinstance(shift, LowRankModulation)  # built so in __init__
                 shift.reset_parameters()
+            if self.config.output_prior:
+                nn.init.zeros_(self.prior_logits)  # uniform: the pretrained readout unchanged
 
     def _layers(self) -> nn.ModuleList:
         base = self.lm.base_model
@@ -396,7 +404,7 @@ class PretrainedBackbone(LatentTable, nn.Module):
             TimeRangeError: ``t`` outside ``[0, 1]``.
         """
         h, _, _ = self._trunk(z, t, o, positions, cache)
-        return self._heads(h)
+        return self._heads(h, z, t)
 
     def new_cache(
         self, batch_size: int, *, device: Any = None, dtype: torch.dtype | None = None
@@ -470,18 +478,22 @@ class PretrainedBackbone(LatentTable, nn.Module):
             cache,
         )
         cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc, ids[:, :n])
-        out = self._heads(h[:, n:])
+        out = self._heads(h[:, n:], z, t)
         if readout is not None:
             idx = readout.clamp_min(0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
             out.next_logits = self.lm.get_output_embeddings()(torch.gather(h[:, :n], 1, idx))[:, 0]
+            log_pi = self.log_prior()  # the prior of the next token: no state informs it
+            if log_pi is not None:
+                out.next_logits = out.next_logits + log_pi
         return out, cache
 
     # ------------------------------------------------------------------ internals
 
-    def _heads(self, h: Tensor) -> FlowOutput:
+    def _heads(self, h: Tensor, z: Tensor, t: Tensor) -> FlowOutput:
         feats = h.detach() if self.config.difficulty_detach else h
         difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
-        logits = self.lm.get_output_embeddings()(h)
+        logits, prior = self.lm.get_output_embeddings()(h), self.prior(z, t)
+        logits = logits if prior is None else logits + prior
         return FlowOutput(logits=logits, difficulty=difficulty, hidden=h)
 
     def _positions(

@@ -1,8 +1,12 @@
-"""The latent table shared by every flowtext backbone: ``e(v)``, ``embed`` and ``x0_hat``.
+"""The latent table shared by every flowtext backbone: ``e(v)``, ``embed``, ``x0_hat``, prior.
 
 Both :class:`~flowtext.nn.FlowTransformer` and the Hugging Face backbone keep a parameter
 ``embedding [V, d_embed]`` and a ``config`` with ``vocab_size`` and ``d_embed``; the latents are
 its rows at a fixed norm ``sqrt(d_embed)`` (unit RMS), so they cannot collapse.
+
+With ``config.output_prior`` a backbone also keeps ``prior_logits [V]`` (a learned unigram law
+``pi = softmax(prior_logits)``) and adds to its readout the exact Bayes posterior logits of each
+token under that law (docs/theory.md §3f): the network learns a residual over the posterior.
 """
 
 from __future__ import annotations
@@ -14,9 +18,24 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from flowtext.errors import DataError, ShapeError
+from flowtext.errors import ConfigError, DataError, ShapeError
+from flowtext.schedules import NoiseSchedule
 
-__all__ = ["LatentTable"]
+__all__ = ["PRIOR_MAX_LOG_SNR", "LatentTable", "bind_prior_schedule"]
+
+PRIOR_MAX_LOG_SNR = 10.0
+"""Cap on the log-SNR at which the output prior reads a state (its coefficient is finite at
+``t = 0``); above it the posterior is one-hot to working precision for unit-RMS embeddings."""
+
+
+def bind_prior_schedule(net: Any, schedule: NoiseSchedule) -> None:
+    """Make ``net``'s output prior read states of ``schedule`` (no-op for other networks).
+
+    The objectives and the decoder call it with the schedule whose states they build, so what
+    is scored and what is sampled use the same prior.
+    """
+    if isinstance(net, LatentTable):
+        net.prior_schedule = schedule
 
 
 def _describe(x: object) -> str:
@@ -34,6 +53,56 @@ class LatentTable:
 
     embedding: nn.Parameter
     config: Any
+    prior_schedule: NoiseSchedule | None = None
+    """The schedule whose states the output prior reads (:func:`bind_prior_schedule`)."""
+
+    def _init_prior(self) -> None:
+        """Create ``prior_logits [V]`` (zeros: uniform) when ``config.output_prior`` is set."""
+        if getattr(self.config, "output_prior", False):
+            self.prior_logits = nn.Parameter(torch.zeros(self.config.vocab_size))
+
+    def log_prior(self) -> Tensor | None:
+        """``log pi`` ``[V]`` of the output prior, or ``None`` when it is off."""
+        logits = getattr(self, "prior_logits", None)
+        if logits is None:
+            return None
+        return torch.log_softmax(logits.to(torch.promote_types(logits.dtype, torch.float32)), 0)
+
+    def prior(self, z: Tensor, t: Tensor) -> Tensor | None:
+        """The output prior's logits ``[B, L, V]`` for tokens at states ``(z, t)``, or ``None``.
+
+        For ``0 < t < 1`` the exact Bayes posterior logits of a token with latent
+        ``z = alpha e_x + sigma eps`` and ``x ~ pi``, up to a constant per token:
+        ``log pi_v + c <z, e_v> - c alpha |e_v|^2 / 2`` with ``c = alpha / sigma^2``, the log-SNR
+        capped at :data:`PRIOR_MAX_LOG_SNR` (``c = alpha / max(sigma^2, alpha^2 e^-cap)``). For
+        ``t = 1`` (``z`` is not read) and ``t = 0`` (a committed token's readout predicts the
+        next token, theory §3d) it is ``log pi``: the law of a token no state informs.
+
+        Args:
+            z: Latents ``[B, L, d_embed]`` (rows with ``t`` in ``{0, 1}`` are not read).
+            t: Times ``[B, L]``.
+
+        Raises:
+            ConfigError: The prior is on but no schedule is bound.
+        """
+        log_pi = self.log_prior()
+        if log_pi is None:
+            return None
+        if self.prior_schedule is None:
+            raise ConfigError(
+                "output_prior needs the schedule of the states: call "
+                "flowtext.nn.latents.bind_prior_schedule(net, schedule) (the objectives and the "
+                "decoder do)"
+            )
+        dtype = torch.promote_types(z.dtype, torch.float32)
+        t = t.to(dtype)
+        a, s = self.prior_schedule.alpha(t), self.prior_schedule.sigma(t)
+        c = a / torch.maximum(s * s, a * a * math.exp(-PRIOR_MAX_LOG_SNR))
+        c = torch.where((t > 0) & (t < 1), c, 0.0)[..., None]
+        z = torch.where(c > 0, z.to(dtype), 0.0)  # no NaN from rows that are not read
+        table = self.embedding_table().to(dtype)
+        sq = table.pow(2).sum(-1)
+        return log_pi.to(dtype) + c * (z @ table.T) - (0.5 * c * a[..., None]) * sq
 
     def embedding_table(self) -> Tensor:
         """All embeddings ``e(v)``, ``[V, d_embed]``, each of norm ``sqrt(d_embed)``."""

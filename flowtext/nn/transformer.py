@@ -125,6 +125,7 @@ class FlowTransformer(LatentTable, nn.Module):
         self.difficulty_head = nn.Sequential(
             nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Linear(c.d_model, 1)
         )
+        self._init_prior()  # prior_logits [V] when config.output_prior
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -139,6 +140,8 @@ class FlowTransformer(LatentTable, nn.Module):
         for module in self.modules():
             if isinstance(module, LowRankModulation):
                 module.reset_parameters()
+        if self.config.output_prior:
+            nn.init.zeros_(self.prior_logits)  # a uniform prior until it learns
 
     # ------------------------------------------------------------------ embeddings
 
@@ -177,7 +180,7 @@ class FlowTransformer(LatentTable, nn.Module):
             TimeRangeError: ``t`` outside ``[0, 1]``.
         """
         h, _ = self._trunk(z, t, o, positions, cache)
-        return self._heads(h)
+        return self._heads(h, z, t)
 
     def commit_forward(
         self,
@@ -236,10 +239,13 @@ class FlowTransformer(LatentTable, nn.Module):
         )
         # shapes, times and positions of both parts were checked on the concatenation
         cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc)
-        out = self._heads(h[:, n:])
+        out = self._heads(h[:, n:], z, t)
         if readout is not None:
             idx = readout.clamp_min(0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
             out.next_logits = self.readout(torch.gather(h[:, :n], 1, idx))[:, 0]
+            log_pi = self.log_prior()  # the prior of the next token: no state informs it
+            if log_pi is not None:
+                out.next_logits = out.next_logits + log_pi
         return out, cache
 
     def new_cache(
@@ -311,12 +317,14 @@ class FlowTransformer(LatentTable, nn.Module):
 
     # ------------------------------------------------------------------ internals
 
-    def _heads(self, h: Tensor) -> FlowOutput:
+    def _heads(self, h: Tensor, z: Tensor, t: Tensor) -> FlowOutput:
         def difficulty() -> Tensor:  # only when read: no cost where nothing trains or reads it
             feats = h.detach() if self.config.difficulty_detach else h
             return F.softplus(self.difficulty_head(feats)).squeeze(-1)
 
-        return FlowOutput(logits=self.readout(h), difficulty=difficulty, hidden=h)
+        logits, prior = self.readout(h), self.prior(z, t)  # prior: None unless output_prior
+        logits = logits if prior is None else logits + prior
+        return FlowOutput(logits=logits, difficulty=difficulty, hidden=h)
 
     @staticmethod
     def _check_commit_orders(cache: KVCache, o: Tensor) -> None:
