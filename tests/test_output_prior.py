@@ -276,3 +276,30 @@ def test_the_pretrained_backbone_adds_the_same_prior():
                                     t[:, 3:], o[:, 3:], o[:, 3:], readout=torch.tensor([2, 0]))  # fmt: skip
     torch.testing.assert_close(got.logits, out.logits[:, 3:], rtol=0, atol=1e-10)
     torch.testing.assert_close(got.next_logits, out.logits[[0, 1], [2, 0]], rtol=0, atol=1e-10)
+
+
+# ------------------------------------------------------------------------------- in training
+
+
+def test_a_flow_lm_with_the_output_prior_trains_validates_and_decodes():
+    from flowtext.lm import FlowLM
+    from flowtext.regime import TrainingRegime
+
+    torch.manual_seed(0)
+    model = FlowLM(
+        net=FlowTransformerConfig(**tiny(output_prior=True)),
+        regime=TrainingRegime(block_sizes=(0, 4), steps_per_block=4, reverse="mixture"),
+        schedule="info-uniform",
+        schedule_kwargs={"n_bins": 16},
+        val_block_size=4,
+        val_steps_per_block=4,
+    )
+    tokens = torch.randint(0, 13, (4, 12))
+    loss, _ = model.training_loss(tokens)
+    loss.backward()
+    assert model.net.prior_schedule is model.schedule  # the fitted warp itself, not a copy
+    assert float(model.net.prior_logits.grad.abs().sum()) > 0
+    assert "net.prior_logits" in model.state_dict()
+    res = model.generate(batch_size=2, length=6, policy="block", policy_kwargs={"size": 3}, steps=4,
+                         solver="ancestral-mixture")  # fmt: skip
+    assert all(len(row) == 6 for row in res.tokens)
