@@ -300,6 +300,12 @@ def test_a_flow_lm_with_the_output_prior_trains_validates_and_decodes():
     assert model.net.prior_schedule is model.schedule  # the fitted warp itself, not a copy
     assert float(model.net.prior_logits.grad.abs().sum()) > 0
     assert "net.prior_logits" in model.state_dict()
+    model.on_validation_start()
+    logged = {}
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    with torch.no_grad():
+        model.validation_step({"tokens": tokens}, 0)
+    assert logged and all(math.isfinite(v) for v in logged.values())
     res = model.generate(batch_size=2, length=6, policy="block", policy_kwargs={"size": 3}, steps=4,
                          solver="ancestral-mixture")  # fmt: skip
     assert all(len(row) == 6 for row in res.tokens)
