@@ -314,7 +314,8 @@ class InfoUniform(NoiseSchedule):
     state and its commit cross-entropy, e.g. ``schedule.log_snr(t)`` and ``LossTerms.ce``) to
     :meth:`update`, which keeps an exponential moving average of the cross-entropy per log-SNR
     bin (the intervals between knots); :meth:`fit` turns the averages into the warp (monotone by
-    isotonic regression, mixed with the identity by ``floor``). Before any fit the warp is the
+    isotonic regression, pinned to 0 at ``u = 0``, warped only where a rise is significant,
+    mixed with the identity by ``floor``). Before any fit the warp is the
     identity. :meth:`freeze` for evaluation (updates and fits then raise), and
     :meth:`state_dict` / :meth:`load_state_dict` (plain tensors, ints and bools) for checkpoints.
     Given its state the schedule is deterministic.
@@ -470,8 +471,9 @@ class InfoUniform(NoiseSchedule):
         """Fold per-token ``(lambda, cross-entropy)`` pairs into the per-bin moving averages.
 
         Each bin that receives tokens moves its average towards their mean cross-entropy by
-        ``1 - decay`` (bias-corrected, so the first update sets it); other bins keep theirs. A
-        decayed token count per bin weighs the bins in :meth:`fit`.
+        ``1 - decay`` (bias-corrected, so the first update sets it), and so does the average of
+        the squared cross-entropy (the bins' noise, for :meth:`fit`'s significance scan); other
+        bins keep theirs. A decayed token count per bin weighs the bins in :meth:`fit`.
 
         Args:
             log_snr: Log-SNR of each token's state, any shape (``+-inf`` allowed).
