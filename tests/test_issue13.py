@@ -261,3 +261,16 @@ def test_the_balanced_draw_is_uniform_and_hits_every_step():
         assert set(k.tolist()) == set(range(1, 8))  # every step, at least once
         counts += torch.bincount(k[:1] - 1, minlength=7)  # the first draw's law
     assert (counts / 2000 - 1 / 7).abs().max() < 0.03, counts / 2000
+
+
+@pytest.mark.parametrize("seed", [0, 2])
+def test_a_barely_trained_model_keeps_the_identity_warp(seed):
+    """An untrained model's cross-entropy hardly depends on the noise: its noisy curve must not
+    warp the time axis (before the significance scan and the pin at ``c(0) = 0`` these seeds
+    gave ``max |w(t) - t|`` of 0.16 and 0.33, ``w(1/64)`` of 0.157 and 0.075)."""
+    model = _model(fit_every=2)
+    torch.manual_seed(seed)
+    _train(model, 8, torch.randint(0, 13, (8, 12)))
+    t = torch.linspace(0, 1, 65, dtype=torch.float64)
+    assert (model.schedule.warp(t) - t).abs().max() < 0.02
+    assert model.schedule.warp(torch.tensor([1 / 64], dtype=torch.float64)) < 0.03
