@@ -31,7 +31,7 @@ from pathlib import Path
 
 import torch
 
-from experiments.common import bound_bpb, hardware, md_table, write_csv
+from experiments.common import bound_bpb, hardware, md_table, training_arguments, write_csv
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
 from flowtext.policies import Block
@@ -131,20 +131,9 @@ def parse(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
-    p.add_argument("--out", type=Path, default=Path("runs/ablate"))
-    p.add_argument("--quick", action="store_true", help="tiny sizes, seconds")
-    p.add_argument("--steps", type=int, default=1000, help="optimizer steps per model")
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--length", type=int, default=64)
-    p.add_argument("--block", type=int, default=8)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
-    p.add_argument("--lr", type=float, default=1e-3)
+    training_arguments(p, "runs/ablate", steps=1000, length=64, lr=1e-3, repeats=2)
     p.add_argument("--train-steps", type=int, default=16, help="steps per block of training")
     p.add_argument("--fit-every", type=int, default=50, help="info-uniform refit interval")
-    p.add_argument("--val-batches", type=int, default=4)
-    p.add_argument("--repeats", type=int, default=2)
-    p.add_argument("--seed", type=int, default=0)
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
     args = p.parse_args(argv)
     args.steps_per_block = (2, 4, 8, 16, 64)

@@ -26,12 +26,19 @@ import argparse
 import dataclasses
 import json
 import time
-from pathlib import Path
 
 import torch
 from rich.progress import track
 
-from experiments.common import bound_bpb, datamodule, hardware, md_table, val_batches, write_csv
+from experiments.common import (
+    bound_bpb,
+    datamodule,
+    hardware,
+    md_table,
+    training_arguments,
+    val_batches,
+    write_csv,
+)
 from flowtext.lm import FlowLM
 from flowtext.nn import FlowTransformerConfig
 from flowtext.objectives import LN2
@@ -169,22 +176,11 @@ def parse(argv=None) -> argparse.Namespace:
         help="a regime NAME (list it in --regimes): Evo's fields replaced by a JSON object, "
         'e.g. w02=\'{"bound_weights": {"block0": 0.2}}\'',
     )
-    p.add_argument("--steps", type=int, default=400, help="optimizer steps per regime")
-    p.add_argument("--length", type=int, default=128)
-    p.add_argument("--batch", type=int, default=16)
-    p.add_argument("--width", type=int, default=128)
-    p.add_argument("--layers", type=int, default=4)
+    training_arguments(p, "runs/balance", steps=400, length=128, lr=2e-3, repeats=1)
     p.add_argument("--heads", type=int, default=4)
-    p.add_argument("--lr", type=float, default=2e-3)
     p.add_argument("--steps-per-block", type=int, default=0, help="0: the regime's own")
-    p.add_argument("--block", type=int, default=8, help="block size of the block bound")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16])
-    p.add_argument("--val-batches", type=int, default=4)
     p.add_argument("--grad-batches", type=int, default=2)
-    p.add_argument("--repeats", type=int, default=1)
-    p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--quick", action="store_true")
-    p.add_argument("--out", type=Path, default=Path("runs/balance"))
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.length, args.batch, args.width, args.layers = 3, 16, 4, 32, 1

@@ -22,6 +22,28 @@ CONFIGS = ROOT / "experiments" / "configs"
 
 
 # ------------------------------------------------------------------------------ models and data
+def training_arguments(parser, out: str, *, steps: int, length: int, lr: float, repeats: int):
+    """Add the options every side-by-side training experiment shares to ``parser``.
+
+    ``--out --quick --steps --batch --length --block --width --layers --lr --val-batches
+    --repeats --seed``; the arguments given are the defaults that differ between scripts.
+    """
+    add = parser.add_argument
+    add("--out", type=Path, default=Path(out))
+    add("--quick", action="store_true", help="tiny sizes, seconds")
+    add("--steps", type=int, default=steps, help="optimizer steps per model")
+    add("--batch", type=int, default=16)
+    add("--length", type=int, default=length)
+    add("--block", type=int, default=8, help="block size of the block(B) bounds")
+    add("--width", type=int, default=128)
+    add("--layers", type=int, default=4)
+    add("--lr", type=float, default=lr)
+    add("--val-batches", type=int, default=4)
+    add("--repeats", type=int, default=repeats, help="noise draws per validation batch")
+    add("--seed", type=int, default=0)
+    return parser
+
+
 def fit_config(config: str, root: Path, overrides: Sequence[str] = ()) -> tuple[Any, list[str]]:
     """Train ``experiments/configs/<config>`` through the training CLI into ``root``.
 

@@ -193,3 +193,22 @@ def test_ablate_quick_trains_every_variant_and_writes_table_and_figure(tmp_path,
     values = [float(v) for row in rows[1:] for v in row.split(",")[3:]]
     assert all(math.isfinite(v) and v > 0 for v in values)
     assert (tmp_path / "ablate_steps.png").stat().st_size > 1000
+
+
+def test_balance_quick_measures_bounds_and_gradient_noise_of_every_drawn_bound(tmp_path):
+    from experiments import balance
+    from flowtext.regime import TrainingRegime
+
+    argv = ["--quick", "--out", str(tmp_path), "--regimes", "ar,w0", "--variant"]
+    assert balance.main([*argv, 'w0={"bound_weights": {"block0": 0.0}}']) == 0
+    bounds = list(csv.DictReader(open(tmp_path / "balance.csv")))
+    assert [r["regime"] for r in bounds] == ["ar", "w0"]
+    assert all(float(r["ar"]) > 0 and math.isfinite(float(r["sync2"])) for r in bounds)
+    grads = {(r["regime"], r["bound"]): r for r in csv.DictReader(open(tmp_path / "gradients.csv"))}
+    evo = TrainingRegime.evo().probabilities()
+    assert {b for r, b in grads if r == "w0"} == set(evo)  # every bound Evo draws
+    for key in [("ar", "block1"), ("w0", "block1")]:  # the AR bound has no noise
+        assert float(grads[key]["cos_noise"]) == pytest.approx(1.0, abs=1e-5)
+    assert float(grads["w0", "block0"]["norm_vs_ar"]) == 0.0  # weight 0: no gradient at all
+    assert all(-1 <= float(r["cos_noise"]) <= 1 + 1e-5 for r in grads.values())
+    assert "Gradients of each drawn bound" in (tmp_path / "balance.md").read_text()
