@@ -44,7 +44,8 @@ if [[ -n "${DRY_RUN:-}" ]]; then
     limit_scale=${LIMIT_SCALE:-8}  # the interpreter and CPU compilation are slow
     attention_args=(--quick --layouts two-stream)
     kernel_tests=(tests/test_kernel.py tests/test_nn_triton.py -k "summaries_are_reusable")
-    train_args=(--quick --models plain single ar2)
+    train_args=(--d-model 32 --layers 1 --heads 2 --seq-len 16 --batch 2 --iters 1 --rounds 1
+        --warmup 1 --models plain single ar2)
     mapfile -t tiny < <("$py" -c "from flowtext.training import TINY_OVERRIDES as t; print(*t, sep='\n')")
     fit_args=(--trainer.max_steps=2 --trainer.val_check_interval=2 --trainer.accelerator=cpu "${tiny[@]}")
 else
