@@ -531,3 +531,41 @@ def test_conditioning_on_distinct_times_equals_per_token(monkeypatch, pattern):
     shared = net(z, t, o).logits
     monkeypatch.setattr(T, "_distinct_times", lambda t: t)
     torch.testing.assert_close(shared, net(z, t, o).logits, rtol=1e-10, atol=1e-10)
+
+
+@pytest.mark.parametrize("dropout", [0.0, 0.3])
+def test_block_folds_a_shared_modulation_into_its_weights(dropout):
+    """One conditioning vector for every token (>= d_model tokens) folds into the linear maps:
+    the same outputs and gradients as the per-token modulation, dropout included."""
+    from flowtext.attention import plan_attention
+    from flowtext.nn.layers import Block, LayerInputs, rotary
+
+    cfg = FlowTransformerConfig(**tiny(dropout=dropout))
+    torch.manual_seed(0)
+    block = Block(cfg).double().train()
+    with torch.no_grad():
+        for p in block.parameters():
+            p.add_(0.3 * torch.randn_like(p))
+    b, n, d = 3, 16, cfg.d_model
+    assert b * n >= d  # the folded path
+    pos = torch.arange(n).expand(b, n)
+    t = torch.zeros(b, n, dtype=torch.float64)
+    inputs = LayerInputs(
+        rotary(pos[:1], cfg.head_dim, cfg.rope_base, torch.float64), t, pos, t, pos,
+        plan_attention(t, pos, t, pos, backend="sdpa"),
+    )  # fmt: skip
+    c = torch.randn(1, 1, cfg.cond_dim, dtype=torch.float64)
+    x = torch.randn(b, n, d, dtype=torch.float64)
+    outs, grads = [], []
+    for c_act in (c, c.expand(b, n, -1)):  # shared: folded; expanded: per token
+        torch.manual_seed(1)  # the same dropout masks
+        xg = x.clone().requires_grad_(True)
+        out, (k, v) = block(xg, c_act, inputs)
+        (out.square().sum() + k.sum() + v.sum()).backward()
+        outs.append(out)
+        grads.append([xg.grad, *(p.grad.clone() for p in block.parameters())])
+        block.zero_grad()
+    torch.testing.assert_close(outs[0], outs[1], rtol=1e-10, atol=1e-10)
+    for a, g in zip(*grads):
+        torch.testing.assert_close(a, g, rtol=1e-10, atol=1e-10)
+    assert not torch.allclose(outs[0], x)  # the block did something

@@ -23,6 +23,8 @@ __all__ = [
     "SelfAttention",
     "TimeEmbedding",
     "apply_rotary",
+    "fold_in",
+    "fold_out",
     "rms_norm",
     "rotary",
     "time_features",
@@ -175,6 +177,31 @@ def modulate(x: Tensor, shift: Tensor, scale: Tensor) -> Tensor:
     return torch.addcmul(shift, rms_norm(x), 1 + scale)
 
 
+Affine = tuple[Tensor, Tensor | None]
+"""A linear map's ``(weight [out, in], bias [out] or None)``, as ``F.linear`` takes them."""
+
+
+def fold_in(linear: nn.Linear, shift: Tensor, scale: Tensor) -> Affine:
+    """``linear(n * (1 + scale) + shift)`` as one affine map of ``n`` (``shift, scale`` ``[in]``).
+
+    ``W (n (1 + s) + u) + b = (W diag(1 + s)) n + (W u + b)``: the modulation of a conditioning
+    vector shared by every token moves into the weights (``out x in`` products instead of
+    ``B x L x in``).
+    """
+    bias = linear.weight @ shift
+    return linear.weight * (1 + scale), bias if linear.bias is None else bias + linear.bias
+
+
+def fold_out(linear: nn.Linear, gate: Tensor) -> Affine:
+    """``gate * linear(h)`` as one affine map of ``h`` (``gate`` ``[out]``)."""
+    bias = None if linear.bias is None else gate * linear.bias
+    return gate[:, None] * linear.weight, bias
+
+
+def _apply(linear: nn.Linear, x: Tensor, affine: Affine | None) -> Tensor:
+    return linear(x) if affine is None else F.linear(x, *affine)
+
+
 class LayerInputs(NamedTuple):
     """What every layer of one forward pass reads alike (built once per pass).
 
@@ -214,7 +241,11 @@ class SelfAttention(nn.Module):
         self.proj = nn.Linear(config.d_model, config.d_model, bias=False)
 
     def forward(
-        self, x: Tensor, inputs: LayerInputs, past: tuple[Tensor, Tensor] | None = None
+        self,
+        x: Tensor,
+        inputs: LayerInputs,
+        past: tuple[Tensor, Tensor] | None = None,
+        folded: tuple[Affine, Affine] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Attend from ``x`` ``[B, L, d]``.
 
@@ -222,20 +253,24 @@ class SelfAttention(nn.Module):
             x: Normalized, modulated input ``[B, L, d]``.
             inputs: The pass's rotary tables, token vectors and attention plan.
             past: Cached ``(K, V)``, each ``[B, H, Lc, Dh]``, or ``None``.
+            folded: Affine maps used in place of ``qkv`` and ``proj`` (:func:`fold_in`,
+                :func:`fold_out`), or ``None``.
 
         Returns:
             ``(out [B, L, d], (k, v))`` where ``k, v`` ``[B, H, L, Dh]`` are the given tokens' own
             keys (after rotary) and values, ready to be cached.
         """
         b, n, d = x.shape
-        q, k, v = self.qkv(x).view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        qkv_map, proj_map = (None, None) if folded is None else folded
+        qkv = _apply(self.qkv, x, qkv_map)
+        q, k, v = qkv.view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
         rope, t_q, o_q, t_k, o_k, plan = inputs
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_all, v_all = (k, v)
         if past is not None:
             k_all, v_all = torch.cat([past[0], k], dim=2), torch.cat([past[1], v], dim=2)
         out = attention(q, k_all, v_all, t_q, o_q, t_k, o_k, backend=self.backend, plan=plan)
-        return self.proj(out.transpose(1, 2).reshape(b, n, d)), (k, v)
+        return _apply(self.proj, out.transpose(1, 2).reshape(b, n, d), proj_map), (k, v)
 
 
 class MLP(nn.Module):
@@ -246,16 +281,21 @@ class MLP(nn.Module):
         self.fc = nn.Linear(config.d_model, config.mlp_hidden)
         self.proj = nn.Linear(config.mlp_hidden, config.d_model)
 
-    def forward(self, x: Tensor) -> Tensor:
-        """Apply to ``[..., d]``."""
-        return self.proj(F.gelu(self.fc(x)))
+    def forward(self, x: Tensor, folded: tuple[Affine, Affine] | None = None) -> Tensor:
+        """Apply to ``[..., d]`` (``folded``: affine maps in place of ``fc`` and ``proj``)."""
+        fc_map, proj_map = (None, None) if folded is None else folded
+        return _apply(self.proj, F.gelu(_apply(self.fc, x, fc_map)), proj_map)
 
 
 class Block(nn.Module):
     """Pre-norm Transformer block with per-token adaLN-Zero modulation.
 
     ``x += gate_a * attn(norm(x) * (1 + scale_a) + shift_a)``, then the same for the MLP; the six
-    per-token vectors come from :class:`LowRankModulation` of the time conditioning.
+    per-token vectors come from :class:`LowRankModulation` of the time conditioning. When every
+    token shares one conditioning vector (``c_act`` ``[1, 1, cond_dim]``, e.g. the AR stream, all
+    at ``t = 0``) and there are at least ``d_model`` tokens, the six vectors are folded into the
+    weights of the branches' first and last linear maps (:func:`fold_in`, :func:`fold_out`): the
+    same values up to float rounding, and no modulation work per token.
 
     Args:
         config: Model configuration.
@@ -282,8 +322,28 @@ class Block(nn.Module):
         Returns:
             ``(x, (k, v))``: the new residual stream and the given tokens' keys and values.
         """
-        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = self.modulation(c_act)
+        mods = self.modulation(c_act)
+        # one vector for all tokens, and more tokens than features (the weights' work, about
+        # d x d per map, is then below the tokens' L x d): fold it into the weights
+        if c_act.shape[:-1].numel() == 1 and x.shape[:-1].numel() >= x.shape[-1]:
+            return self._folded(x, [m.reshape(-1) for m in mods], inputs, past)
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
         h, kv = self.attn(modulate(x, shift_a, scale_a), inputs, past)
         x = torch.addcmul(x, gate_a, self.drop(h))  # x + gate * h in one pass
         x = torch.addcmul(x, gate_m, self.drop(self.mlp(modulate(x, shift_m, scale_m))))
         return x, kv
+
+    def _folded(
+        self,
+        x: Tensor,
+        mods: list[Tensor],
+        inputs: LayerInputs,
+        past: tuple[Tensor, Tensor] | None,
+    ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
+        """:meth:`forward` with the six modulation vectors (each ``[d]``) in the weights."""
+        shift_a, scale_a, gate_a, shift_m, scale_m, gate_m = mods
+        attn = (fold_in(self.attn.qkv, shift_a, scale_a), fold_out(self.attn.proj, gate_a))
+        h, kv = self.attn(rms_norm(x), inputs, past, attn)
+        x = x + self.drop(h)  # dropout is elementwise: drop(gate * h) = gate * drop(h)
+        mlp = (fold_in(self.mlp.fc, shift_m, scale_m), fold_out(self.mlp.proj, gate_m))
+        return x + self.drop(self.mlp(rms_norm(x), mlp)), kv
