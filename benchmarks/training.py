@@ -261,13 +261,22 @@ def report(a: argparse.Namespace, dev: torch.device, best: dict[str, float], cou
     Console().print(table)
     print(f"parameters: plain {counts['plain']:,}, flow {counts['flow']:,}")
     if a.csv:
-        with open(a.csv, "w", newline="") as f:
-            w = csv.writer(f)
-            w.writerow(["model", "mode", "device", "clock", "batch", "seq_len", "d_model",
-                        "layers", "backend", "amp", "s_per_step", "tokens_per_s", "ratio_vs_plain"])  # fmt: skip
-            for model, mode, sec, tps, ratio in rows:
-                w.writerow([model, mode, _where(dev), a.clock, a.batch, a.seq_len, a.d_model,
-                            a.layers, a.backend, a.amp, f"{sec:.6g}", f"{tps:.6g}", f"{ratio:.4f}"])  # fmt: skip
+        write_csv(a, dev, rows)
+
+
+CSV_FIELDS = ("model", "mode", "device", "clock", "batch", "seq_len", "d_model", "layers",
+              "backend", "amp", "s_per_step", "tokens_per_s", "ratio_vs_plain")  # fmt: skip
+
+
+def write_csv(a: argparse.Namespace, dev: torch.device, rows: list) -> None:
+    """One CSV row per model and mode: the run's settings, seconds per step and ratios."""
+    with open(a.csv, "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(CSV_FIELDS)
+        for model, mode, sec, tps, ratio in rows:
+            settings = (_where(dev), a.clock, a.batch, a.seq_len, a.d_model, a.layers)
+            w.writerow([model, mode, *settings, a.backend, a.amp,
+                        f"{sec:.6g}", f"{tps:.6g}", f"{ratio:.4f}"])  # fmt: skip
 
 
 def _where(dev: torch.device) -> str:
