@@ -44,7 +44,8 @@ class _RMSNorm(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, x: Tensor) -> Tensor:
-        r = torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + _EPS)
+        d = x.shape[-1]  # vecdot: the sum of squares without a temporary
+        r = torch.rsqrt(torch.linalg.vecdot(x, x).unsqueeze(-1) / d + _EPS)
         y = x * r
         ctx.save_for_backward(y, r)
         return y
@@ -54,7 +55,8 @@ class _RMSNorm(torch.autograd.Function):
     def backward(ctx, g: Tensor) -> Tensor:
         # d/dx of x r: r (g - y mean(g y)), with y = x r
         y, r = ctx.saved_tensors
-        return torch.addcmul(g, y, (g * y).mean(-1, keepdim=True), value=-1.0).mul_(r)
+        mean = torch.linalg.vecdot(g, y).unsqueeze(-1) / y.shape[-1]
+        return torch.addcmul(g, y, mean, value=-1.0).mul_(r)
 
 
 def rms_norm(x: Tensor) -> Tensor:
