@@ -111,7 +111,7 @@ def _drawn_gradient(lm: FlowLM, tokens: torch.Tensor, bound, seed: int) -> torch
     """Gradient of the drawn bound's term alone, as the regime weighs it (no AR term)."""
     lm._gen.manual_seed(seed)
     elbo = lm.bound_loss(tokens, bound)[1][f"train/elbo_bpt_{bound.label}"] * LN2
-    scale = lm.regime.weight(bound.label) / (float(elbo) if lm.regime.normalize else 1.0)
+    scale = lm.regime.weight(bound.label) / (float(elbo.detach()) if lm.regime.normalize else 1.0)
     return scale * _grad(lm, elbo)
 
 
@@ -133,7 +133,9 @@ def gradient_rows(name: str, lm: FlowLM, batches: list[torch.Tensor], args) -> l
         same, with_ar, ratio = [], [], []
         for i, tokens in enumerate(batches):
             ar_nats = lm.policy_bound(tokens, ar_bound.policy, ar_bound.steps).nats.mean()
-            ar_scale = (regime.ar_weight or 1.0) / (float(ar_nats) if regime.normalize else 1.0)
+            ar_scale = (regime.ar_weight or 1.0) / (
+                float(ar_nats.detach()) if regime.normalize else 1.0
+            )
             ar = ar_scale * _grad(lm, ar_nats)
             draws = [_drawn_gradient(lm, tokens, bound, 1000 * i + d) for d in range(2)]
             same.append(float(cos(draws[0], draws[1], dim=0)))
