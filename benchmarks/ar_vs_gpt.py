@@ -25,8 +25,9 @@ A second phase, again concurrent, measures training tokens/s at EQUAL sizes: the
 ``--step-only`` measures just the training step at equal sizes, in ONE process and thread: the
 plain GPT's and ``ar-tiny``'s optimizer steps (loss, backward, clip, AdamW; no data loading, no
 Lightning) on one fixed batch of ``ar-tiny``'s shape, in ``--rounds`` interleaved rounds of
-``--iters`` steps each, and keeps each model's best round of CPU time (``time.process_time``):
-a shared machine slows both alike, and the best round is the least disturbed one.
+``--iters`` steps each, timed in CPU time (``time.process_time``). It reports each model's best
+round and, more robust on a shared machine (whose load moves both by +-30% from step to step),
+the median over rounds of the GPT's time over ``ar-tiny``'s in the same round.
 ``--profile N`` then prints the ``torch.profiler`` table (N rows) of a few steps of each.
 
     python benchmarks/ar_vs_gpt.py --minutes 4 --out runs/ar_vs_gpt
@@ -40,10 +41,10 @@ import argparse
 import csv
 import hashlib
 import json
-import math
 import multiprocessing as mp
 import os
 import shlex
+import statistics
 import subprocess
 import sys
 import sysconfig
@@ -362,8 +363,8 @@ def step_models(spec: dict) -> tuple[dict[str, StepFn], dict[str, int]]:
 
 def interleaved_steps(
     steps: dict[str, StepFn], batch: torch.Tensor, rounds: int, iters: int, warmup: int
-) -> dict[str, float]:
-    """Best CPU seconds per step of each model over ``rounds`` interleaved rounds.
+) -> dict[str, list[float]]:
+    """CPU seconds per step of each model in each of ``rounds`` interleaved rounds.
 
     Args:
         steps: Step functions by name (run in this order in every round).
@@ -373,19 +374,19 @@ def interleaved_steps(
         warmup: Untimed steps of each model first.
 
     Returns:
-        ``{name: seconds per step}``, the least of the rounds (``time.process_time``).
+        ``{name: [seconds per step of each round]}`` (``time.process_time``).
     """
     for step in steps.values():
         for _ in range(warmup):
             step(batch)
-    best = dict.fromkeys(steps, math.inf)
+    times: dict[str, list[float]] = {name: [] for name in steps}
     for _ in range(rounds):
         for name, step in steps.items():
             c0 = time.process_time()
             for _ in range(iters):
                 step(batch)
-            best[name] = min(best[name], (time.process_time() - c0) / iters)
-    return best
+            times[name].append((time.process_time() - c0) / iters)
+    return times
 
 
 def profile_steps(steps: dict[str, StepFn], batch: torch.Tensor, rows: int) -> None:
@@ -424,10 +425,13 @@ def step_only(args: argparse.Namespace) -> dict:
         gen = torch.Generator().manual_seed(args.seed)
         batch = torch.randint(0, 256, (data["batch_size"], data["seq_len"]), generator=gen)
         load_before = os.getloadavg()
-        best = interleaved_steps(steps, batch, args.rounds, args.iters, args.warmup)
+        times = interleaved_steps(steps, batch, args.rounds, args.iters, args.warmup)
         load_after = os.getloadavg()
         if args.profile:
             profile_steps(steps, batch, args.profile)
+    best = {name: min(t) for name, t in times.items()}
+    # each round's GPT time over its ar-tiny time: neighbours in time share the machine's load
+    paired = statistics.median(g / a for g, a in zip(times["gpt"], times["ar-tiny"]))
     row = {
         "date": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "commit": _commit(),
@@ -439,6 +443,7 @@ def step_only(args: argparse.Namespace) -> dict:
         "gpt_tokens_per_cpu_s": batch.numel() / best["gpt"],
         "ar_tokens_per_cpu_s": batch.numel() / best["ar-tiny"],
         "ratio_ar_over_gpt": best["gpt"] / best["ar-tiny"],
+        "median_round_ratio": paired,
         "gpt_params": params["gpt"],
         "ar_params": params["ar-tiny"],
         "loadavg_before": " ".join(f"{x:.2f}" for x in load_before),
@@ -462,6 +467,7 @@ def step_markdown(row: dict) -> list[str]:
         f"| {r['ar_cpu_s_per_step'] / r['gpt_cpu_s_per_step']:.3f} |",
         f"| tokens per CPU second | {r['gpt_tokens_per_cpu_s']:.0f} "
         f"| {r['ar_tokens_per_cpu_s']:.0f} | {r['ratio_ar_over_gpt']:.3f} |",
+        f"| tokens/s ratio, median over rounds | | | {r['median_round_ratio']:.3f} |",
         f"| parameters | {r['gpt_params']} | {r['ar_params']} | |",
         "",
         f"load average (1/5/15 min) before {r['loadavg_before']}, after {r['loadavg_after']}",
@@ -573,8 +579,8 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-batch", type=int, default=64)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--step-only", action="store_true", help="time the two steps, one process")
-    p.add_argument("--rounds", type=int, default=10, help="--step-only: interleaved rounds")
-    p.add_argument("--iters", type=int, default=3, help="--step-only: steps per round")
+    p.add_argument("--rounds", type=int, default=30, help="--step-only: interleaved rounds")
+    p.add_argument("--iters", type=int, default=1, help="--step-only: steps per round")
     p.add_argument("--warmup", type=int, default=2, help="--step-only: untimed steps first")
     p.add_argument("--profile", type=int, default=0, help="--step-only: profiler table rows")
     args = p.parse_args(argv)

@@ -411,8 +411,12 @@ def _null_logits(net, x_emb: Tensor) -> Tensor:
     """Logits ``[1, 1, V]`` of the null query at position 0 (``t = 1``, sees only itself).
 
     The commit distribution of token 0 under every one-jump policy: it reads nothing of the
-    data, so one token of batch 1 computes it for every row.
+    data, so one token of batch 1 computes it for every row (through the network's lean
+    ``null_logits`` where it has one: the same values without positions, mask or checks).
     """
+    lean = getattr(net, "null_logits", None)
+    if lean is not None:
+        return lean()[None, None]
     zero = torch.zeros(1, 1, dtype=torch.long, device=x_emb.device)
     z = x_emb.new_zeros(1, 1, x_emb.shape[-1])
     return net(z, x_emb.new_ones(1, 1), zero, zero).logits

@@ -112,3 +112,26 @@ def test_quick_side_by_side_trains_both_and_writes_a_row(tmp_path, capsys):
     with (tmp_path / "ar_vs_gpt.csv").open() as fh:
         assert len(list(csv.DictReader(fh))) == 1
     assert "| held-out bits/byte |" in (tmp_path / "ar_vs_gpt.md").read_text()
+
+
+def test_interleaved_steps_alternate_the_models_and_time_every_round():
+    calls = []
+    steps = {name: (lambda b, name=name: calls.append((name, b))) for name in ("gpt", "ar-tiny")}
+    times = ar_vs_gpt.interleaved_steps(steps, "batch", rounds=3, iters=2, warmup=1)
+    warmup, round_ = ["gpt", "ar-tiny"], ["gpt", "gpt", "ar-tiny", "ar-tiny"]
+    assert [n for n, _ in calls] == warmup + round_ * 3
+    assert all(b == "batch" for _, b in calls)
+    assert {k: len(v) for k, v in times.items()} == {"gpt": 3, "ar-tiny": 3}
+    assert all(t >= 0 for v in times.values() for t in v)
+
+
+def test_step_only_quick_writes_a_row(tmp_path, capsys):
+    assert ar_vs_gpt.main(["--step-only", "--quick", "--out", str(tmp_path)]) == 0
+    assert "tokens per CPU second" in capsys.readouterr().out
+    with (tmp_path / "ar_vs_gpt_steps.csv").open() as fh:
+        (row,) = list(csv.DictReader(fh))
+    gpt, ar = float(row["gpt_cpu_s_per_step"]), float(row["ar_cpu_s_per_step"])
+    assert gpt > 0 and ar > 0
+    assert float(row["ratio_ar_over_gpt"]) == pytest.approx(gpt / ar)
+    assert float(row["median_round_ratio"]) > 0
+    assert int(row["gpt_params"]) > 0 and int(row["ar_params"]) > 0

@@ -569,3 +569,24 @@ def test_block_folds_a_shared_modulation_into_its_weights(dropout):
     for a, g in zip(*grads):
         torch.testing.assert_close(a, g, rtol=1e-10, atol=1e-10)
     assert not torch.allclose(outs[0], x)  # the block did something
+
+
+def test_null_logits_equal_the_lone_null_token_forward():
+    """The lean null query (no positions, mask or checks) gives forward's logits and grads."""
+    from ._nets import perturbed_net
+
+    net = perturbed_net()
+    zero = torch.zeros(1, 1, dtype=torch.long)
+    ref = net(torch.zeros(1, 1, 8, dtype=torch.float64), torch.ones(1, 1).double(), zero, zero)
+    lean = net.null_logits()
+    assert lean.shape == (net.config.vocab_size,)
+    torch.testing.assert_close(lean, ref.logits[0, 0], rtol=1e-12, atol=1e-12)
+    g_ref = torch.autograd.grad(
+        ref.logits.square().sum(), list(net.parameters()), allow_unused=True
+    )
+    g_lean = torch.autograd.grad(lean.square().sum(), list(net.parameters()), allow_unused=True)
+    for p, a, b in zip(net.parameters(), g_ref, g_lean):  # None: no path (zero gradient)
+        zero = torch.zeros_like(p)
+        a, b = zero if a is None else a, zero if b is None else b
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    assert g_lean[0] is None  # the token table is not read

@@ -245,7 +245,7 @@ class SelfAttention(nn.Module):
     def forward(
         self,
         x: Tensor,
-        inputs: LayerInputs,
+        inputs: LayerInputs | None,
         past: tuple[Tensor, Tensor] | None = None,
         folded: tuple[Affine, Affine] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
@@ -253,7 +253,9 @@ class SelfAttention(nn.Module):
 
         Args:
             x: Normalized, modulated input ``[B, L, d]``.
-            inputs: The pass's rotary tables, token vectors and attention plan.
+            inputs: The pass's rotary tables, token vectors and attention plan; ``None``: every
+                token sees only itself (a lone null query, no cache), so its output is its value
+                (and the returned keys carry no rotary).
             past: Cached ``(K, V)``, each ``[B, H, Lc, Dh]``, or ``None``.
             folded: Affine maps used in place of ``qkv`` and ``proj`` (:func:`fold_in`,
                 :func:`fold_out`), or ``None``.
@@ -266,6 +268,8 @@ class SelfAttention(nn.Module):
         qkv_map, proj_map = (None, None) if folded is None else folded
         qkv = _apply(self.qkv, x, qkv_map)
         q, k, v = qkv.view(b, n, 3, self.n_heads, d // self.n_heads).permute(2, 0, 3, 1, 4)
+        if inputs is None:  # softmax over the token's own key alone: weight 1 on its value
+            return _apply(self.proj, v.transpose(1, 2).reshape(b, n, d), proj_map), (k, v)
         rope, t_q, o_q, t_k, o_k, plan = inputs
         q, k = apply_rotary(q, *rope), apply_rotary(k, *rope)
         k_all, v_all = (k, v)
@@ -316,7 +320,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         c_act: Tensor,
-        inputs: LayerInputs,
+        inputs: LayerInputs | None,
         past: tuple[Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """Update the residual stream ``x`` ``[B, L, d]``; see :meth:`SelfAttention.forward`.
@@ -339,7 +343,7 @@ class Block(nn.Module):
         self,
         x: Tensor,
         mods: list[Tensor],
-        inputs: LayerInputs,
+        inputs: LayerInputs | None,
         past: tuple[Tensor, Tensor] | None,
     ) -> tuple[Tensor, tuple[Tensor, Tensor]]:
         """:meth:`forward` with the six modulation vectors (each ``[d]``) in the weights."""

@@ -182,6 +182,24 @@ class FlowTransformer(LatentTable, nn.Module):
         h, _ = self._trunk(z, t, o, positions, cache)
         return self._heads(h, z, t)
 
+    def null_logits(self) -> Tensor:
+        """Logits ``[V]`` of the null query alone: ``t = 1``, seeing only itself.
+
+        The commit distribution of a first token under every one-jump policy (theory §3d). It
+        reads no data, so no positions, mask or checks are needed: each layer's attention
+        output is the token's own value. Equal to ``forward`` on that one token.
+
+        Returns:
+            ``[V]`` logits in the parameters' dtype.
+        """
+        c = self.time_embed(self.null.new_ones(1, 1))
+        c_act = F.silu(c)
+        x = self.drop(self.null + self.time_in(c))  # [1, 1, d_model]
+        for block in self.blocks:
+            x, _ = block(x, c_act, None)
+        shift, scale = self.final_modulation(c_act)
+        return self.readout(modulate(x, shift, scale))[0, 0]
+
     def commit_forward(
         self,
         cache: KVCache,
