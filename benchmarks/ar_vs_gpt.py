@@ -367,7 +367,8 @@ def interleaved_steps(
     """CPU seconds per step of each model in each of ``rounds`` interleaved rounds.
 
     Args:
-        steps: Step functions by name (run in this order in every round).
+        steps: Step functions by name (in this order in even rounds, reversed in odd ones, so
+            neither model always runs first).
         batch: The batch every step trains on, ``[B, L]``.
         rounds: Rounds; each runs ``iters`` steps of every model in turn.
         iters: Steps per model and round (one clock reading around them).
@@ -380,8 +381,9 @@ def interleaved_steps(
         for _ in range(warmup):
             step(batch)
     times: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(rounds):
-        for name, step in steps.items():
+    for r in range(rounds):
+        order = list(steps.items())
+        for name, step in order if r % 2 == 0 else order[::-1]:
             c0 = time.process_time()
             for _ in range(iters):
                 step(batch)
