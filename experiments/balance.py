@@ -15,8 +15,8 @@ order, optimizer, learning-rate schedule and seed, then reports for each:
     python -m experiments.balance --steps 400 --out runs/balance       # minutes
 
 Regimes (``--regimes``): ``ar`` (the AR special case), ``evo`` (:meth:`TrainingRegime.evo`),
-``evo-balanced`` (:meth:`TrainingRegime.evo_balanced`), and ``evo-unweighted`` (balanced
-sampling and noise draws, no weights or normalization), all on the same network. Outputs in
+``evo-plain`` (Evo before issue 12 item 3: the plain sum of the terms, Gaussian-mean step), and
+any ``--variant`` (Evo's fields replaced), all on the same network. Outputs in
 ``--out``: ``balance.csv`` (bounds), ``gradients.csv`` and ``balance.md``.
 """
 
@@ -48,9 +48,8 @@ from flowtext.regime import TrainingRegime
 REGIMES = {
     "ar": TrainingRegime.autoregressive,
     "evo": TrainingRegime.evo,
-    "evo-balanced": TrainingRegime.evo_balanced,
-    "evo-unweighted": lambda: dataclasses.replace(
-        TrainingRegime.evo_balanced(), bound_weights={}, normalize=False
+    "evo-plain": lambda: dataclasses.replace(
+        TrainingRegime.evo(), normalize=False, reverse="gaussian"
     ),
 }
 
@@ -104,7 +103,7 @@ def _grad(lm: FlowLM, loss: torch.Tensor) -> torch.Tensor:
     params = [p for p in lm.parameters() if p.requires_grad]
     grads = torch.autograd.grad(loss, params, allow_unused=True)
     return torch.cat([(g if g is not None else torch.zeros_like(p)).flatten()
-                      for g, p in zip(grads, params)])  # fmt: skip
+                      for g, p in zip(grads, params)]).double()  # fmt: skip
 
 
 def _drawn_gradient(lm: FlowLM, tokens: torch.Tensor, bound, seed: int) -> torch.Tensor:
@@ -169,7 +168,7 @@ def bound_rows(name: str, lm: FlowLM, batches: list[torch.Tensor], seconds: floa
 def parse(argv=None) -> argparse.Namespace:
     """Command-line options (``--quick`` shrinks everything to a smoke test)."""
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("--regimes", default="ar,evo,evo-balanced")
+    p.add_argument("--regimes", default="ar,evo-plain,evo")
     p.add_argument(
         "--variant",
         action="append",
