@@ -542,30 +542,28 @@ def markdown(row: dict) -> list[str]:
     return lines
 
 
-def write_outputs(out: Path, row: dict, details: dict) -> None:
-    """``ar_vs_gpt.json`` (this run), ``ar_vs_gpt.csv`` (one row appended), ``ar_vs_gpt.md``."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "ar_vs_gpt.json").write_text(json.dumps({"row": row, **details}, indent=1))
-    path = out / "ar_vs_gpt.csv"
+def append_csv(path: Path, row: dict) -> None:
+    """Append ``row`` to the CSV at ``path``, with a header when the file is new."""
     new = not path.exists()
     with path.open("a", newline="") as fh:
         writer = csv.DictWriter(fh, fieldnames=list(row))
         if new:
             writer.writeheader()
         writer.writerow(row)
+
+
+def write_outputs(out: Path, row: dict, details: dict) -> None:
+    """``ar_vs_gpt.json`` (this run), ``ar_vs_gpt.csv`` (one row appended), ``ar_vs_gpt.md``."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "ar_vs_gpt.json").write_text(json.dumps({"row": row, **details}, indent=1))
+    append_csv(out / "ar_vs_gpt.csv", row)
     (out / "ar_vs_gpt.md").write_text("\n".join(markdown(row)) + "\n")
 
 
 def write_step_outputs(out: Path, row: dict) -> None:
     """``ar_vs_gpt_steps.csv`` (one row appended) and ``ar_vs_gpt_steps.md`` (this run)."""
     out.mkdir(parents=True, exist_ok=True)
-    path = out / "ar_vs_gpt_steps.csv"
-    new = not path.exists()
-    with path.open("a", newline="") as fh:
-        writer = csv.DictWriter(fh, fieldnames=list(row))
-        if new:
-            writer.writeheader()
-        writer.writerow(row)
+    append_csv(out / "ar_vs_gpt_steps.csv", row)
     (out / "ar_vs_gpt_steps.md").write_text("\n".join(step_markdown(row)) + "\n")
 
 
