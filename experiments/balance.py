@@ -49,7 +49,7 @@ REGIMES = {
     "ar": TrainingRegime.autoregressive,
     "evo": TrainingRegime.evo,
     "evo-plain": lambda: dataclasses.replace(
-        TrainingRegime.evo(), normalize=False, reverse="gaussian"
+        TrainingRegime.evo(), normalize=False, reverse="gaussian", bound_weights={}
     ),
 }
 

@@ -99,7 +99,7 @@ def test_evo_loss_contains_the_ar_term_on_every_batch(w):
     """Whatever bound is drawn, the loss adds ``w`` times the exact AR bound of the batch."""
     torch.manual_seed(0)
     regime = dataclasses.replace(
-        TrainingRegime.evo(), ar_weight=w, steps_per_block=4, normalize=False
+        TrainingRegime.evo(), ar_weight=w, steps_per_block=4, normalize=False, bound_weights={}
     )
     model = flowtext.Evo(net=FlowTransformerConfig(**TINY), regime=regime).double()
     with torch.no_grad():
@@ -125,7 +125,7 @@ def test_evo_loss_contains_the_ar_term_on_every_batch(w):
 
 def _evo(**fields) -> FlowLM:
     torch.manual_seed(0)
-    fields = {"normalize": False, **fields}
+    fields = {"normalize": False, "bound_weights": {}, **fields}
     regime = dataclasses.replace(TrainingRegime.evo(), steps_per_block=4, **fields)
     model = flowtext.Evo(net=FlowTransformerConfig(**TINY), regime=regime).double()
     with torch.no_grad():

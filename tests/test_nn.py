@@ -571,11 +571,16 @@ def test_block_folds_a_shared_modulation_into_its_weights(dropout):
     assert not torch.allclose(outs[0], x)  # the block did something
 
 
-def test_null_logits_equal_the_lone_null_token_forward():
+@pytest.mark.parametrize("output_prior", [False, True])
+def test_null_logits_equal_the_lone_null_token_forward(output_prior):
     """The lean null query (no positions, mask or checks) gives forward's logits and grads."""
+    from flowtext.nn.latents import bind_prior_schedule
+    from flowtext.schedules import get
+
     from ._nets import perturbed_net
 
-    net = perturbed_net()
+    net = perturbed_net(output_prior=output_prior)
+    bind_prior_schedule(net, get("cosine"))
     zero = torch.zeros(1, 1, dtype=torch.long)
     ref = net(torch.zeros(1, 1, 8, dtype=torch.float64), torch.ones(1, 1).double(), zero, zero)
     lean = net.null_logits()

@@ -198,7 +198,9 @@ class FlowTransformer(LatentTable, nn.Module):
         for block in self.blocks:
             x, _ = block(x, c_act, None)
         shift, scale = self.final_modulation(c_act)
-        return self.readout(modulate(x, shift, scale))[0, 0]
+        logits = self.readout(modulate(x, shift, scale))[0, 0]
+        log_pi = self.log_prior()  # the output prior at t = 1 (None unless output_prior)
+        return logits if log_pi is None else logits + log_pi
 
     def commit_forward(
         self,
