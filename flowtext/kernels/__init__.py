@@ -8,18 +8,6 @@ should call :func:`flowtext.attention.attention`, which picks this kernel on CUD
 
 from __future__ import annotations
 
-from flowtext.kernels.visibility_attention import (
-    TileConfig,
-    TileSummaries,
-    VisibilityAttentionFunction,
-    tile_summaries,
-    visibility_attention,
-)
-
-__all__ = [
-    "TileConfig",
-    "TileSummaries",
-    "VisibilityAttentionFunction",
-    "tile_summaries",
-    "visibility_attention",
-]
+# the package's public names are the kernel's, listed once in its ``__all__``
+from flowtext.kernels.visibility_attention import *  # noqa: F403
+from flowtext.kernels.visibility_attention import __all__ as __all__
