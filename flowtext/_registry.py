@@ -69,3 +69,11 @@ class Registry(Generic[T]):
             return cls(**kwargs)
         except TypeError as err:
             raise ConfigError(f"bad arguments for {self.family} {name!r}: {err}") from err
+
+    def resolve(self, component: T | str) -> T:
+        """Return ``component`` itself, or build it with :meth:`get` when given a name.
+
+        Raises:
+            ConfigError: (a ``ValueError``) If the name is unknown.
+        """
+        return self.get(component) if isinstance(component, str) else component

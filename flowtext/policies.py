@@ -226,6 +226,7 @@ class StaticPolicy(ProgressionPolicy):
 registry: Registry[ProgressionPolicy] = Registry("policy")
 register = registry.register
 names = registry.names
+resolve = registry.resolve
 
 
 def get(name: str, **kwargs: Any) -> ProgressionPolicy:
@@ -239,11 +240,6 @@ def get(name: str, **kwargs: Any) -> ProgressionPolicy:
         ConfigError: Unknown name (the message lists the valid ones) or bad arguments.
     """
     return registry.get(name, **kwargs)
-
-
-def resolve(policy: ProgressionPolicy | str) -> ProgressionPolicy:
-    """Return ``policy`` itself, or build it when given a registry name."""
-    return get(policy) if isinstance(policy, str) else policy
 
 
 @register("synchronous")
