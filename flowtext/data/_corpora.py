@@ -42,6 +42,8 @@ __all__ = [
 ]
 
 SPLITS = ("train", "val", "test")
+DEFAULT_FRACTIONS = (0.9, 0.05, 0.05)
+"""The default ``(train, val, test)`` split fractions of every corpus, task and data module."""
 Document = tuple[str, bytes]
 """``(name, data)``: a document's relative path (or ``file[start:end]``) and its bytes."""
 
@@ -73,7 +75,7 @@ def _unit(key: str) -> float:
     return int(hashlib.sha1(key.encode("utf-8")).hexdigest()[:13], 16) / 16**13
 
 
-def split_of(relpath: str, fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> str:
+def split_of(relpath: str, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> str:
     """The split of a file, from the SHA-1 of its relative path (``/``-separated).
 
     ``u = int(sha1(relpath)[:13], 16) / 16**13`` is uniform in ``[0, 1)``; the file is ``train``
@@ -122,7 +124,7 @@ class Corpus(ABC):
     name: ClassVar[str]
     kind: ClassVar[str] = "text"
 
-    def __init__(self, fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> None:
+    def __init__(self, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
         self.fractions = check_fractions(fractions)
 
     @abstractmethod
@@ -253,7 +255,7 @@ def get(name: str, **kwargs: Any) -> Any:
 
 
 def resolve_corpus(
-    spec: str, fractions: Sequence[float] = (0.9, 0.05, 0.05), pattern: str = "*", **options: Any
+    spec: str, fractions: Sequence[float] = DEFAULT_FRACTIONS, pattern: str = "*", **options: Any
 ) -> Any:
     """A corpus or task from a registry name or a filesystem path.
 
@@ -308,7 +310,7 @@ class StdlibCorpus(_FileCorpus):
     _TESTS: ClassVar[frozenset[str]] = frozenset({"test", "tests", "idle_test"})
 
     def __init__(
-        self, fractions: Sequence[float] = (0.9, 0.05, 0.05), include_tests: bool = False
+        self, fractions: Sequence[float] = DEFAULT_FRACTIONS, include_tests: bool = False
     ) -> None:
         super().__init__(fractions)
         self.include_tests = include_tests
@@ -355,7 +357,7 @@ class TextCorpus(_FileCorpus):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
         pattern: str = "*",
     ) -> None:
         super().__init__(fractions)

@@ -29,7 +29,14 @@ from typing import Any
 import numpy as np
 
 from flowtext.data._cache import _key, _slug, _write_json, default_cache_dir
-from flowtext.data._corpora import SPLITS, Corpus, _check_split, _utf8_cut, split_of
+from flowtext.data._corpora import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    Corpus,
+    _check_split,
+    _utf8_cut,
+    split_of,
+)
 from flowtext.data._tokenizers import STATE_LOADERS, Tokenizer, _check_text, _ids_array
 from flowtext.errors import ConfigError, DataError
 
@@ -412,7 +419,7 @@ class HFCorpus(Corpus):
     def __init__(
         self,
         path: str | os.PathLike[str],
-        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
         text_field: str = "text",
         progress: bool | None = None,
     ) -> None:

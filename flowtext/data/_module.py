@@ -9,7 +9,13 @@ from torch.utils.data import DataLoader
 
 from flowtext.data import _hf
 from flowtext.data._cache import build_char_tokenizer, prepare_tokens
-from flowtext.data._corpora import SPLITS, Corpus, check_fractions, resolve_corpus
+from flowtext.data._corpora import (
+    DEFAULT_FRACTIONS,
+    SPLITS,
+    Corpus,
+    check_fractions,
+    resolve_corpus,
+)
 from flowtext.data._datasets import (
     EpochSampler,
     ResumableLoader,
@@ -77,7 +83,7 @@ class FlowTextDataModule(L.LightningDataModule):
         max_bytes: int | None = None,
         train_samples_per_epoch: int = 10_000,
         eval_samples: int | None = None,
-        splits: tuple[float, float, float] = (0.9, 0.05, 0.05),
+        splits: tuple[float, float, float] = DEFAULT_FRACTIONS,
         pattern: str = "*",
         corpus_options: dict[str, Any] | None = None,
         seed: int = 0,

@@ -24,7 +24,7 @@ from typing import Any, ClassVar
 import numpy as np
 import torch
 
-from flowtext.data._corpora import SPLITS, check_fractions, registry, split_of
+from flowtext.data._corpora import DEFAULT_FRACTIONS, SPLITS, check_fractions, registry, split_of
 from flowtext.data._tokenizers import Tokenizer
 from flowtext.errors import ConfigError, DataError
 
@@ -60,7 +60,7 @@ class Task(ABC):
     kind: ClassVar[str] = "task"
     separator: ClassVar[str]
 
-    def __init__(self, fractions: Sequence[float] = (0.9, 0.05, 0.05)) -> None:
+    def __init__(self, fractions: Sequence[float] = DEFAULT_FRACTIONS) -> None:
         self.fractions = check_fractions(fractions)
 
     @abstractmethod
@@ -191,7 +191,7 @@ class AdditionTask(Task):
         self,
         digits: int = 3,
         reverse_answer: bool = False,
-        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
     ) -> None:
         super().__init__(fractions)
         if not isinstance(digits, int) or not 1 <= digits <= 18:
@@ -231,7 +231,7 @@ class ReversalTask(Task):
         min_len: int = 4,
         max_len: int = 12,
         alphabet: str = string.ascii_lowercase,
-        fractions: Sequence[float] = (0.9, 0.05, 0.05),
+        fractions: Sequence[float] = DEFAULT_FRACTIONS,
     ) -> None:
         super().__init__(fractions)
         if not (isinstance(min_len, int) and isinstance(max_len, int) and 1 <= min_len <= max_len):
