@@ -187,14 +187,17 @@ def _tile_class(
 
 @triton.jit
 def _scan_class(
-    QSUM, KSUM, b, NGQ, NGK, f_cmin, f_cmax, f_lmin, f_lmax, f_complete, start_fixed, blk, nb,
+    QSUM, KSUM, b, NGQ, NGK, f_cmin, f_cmax, f_lmin, f_lmax, f_complete, start_fixed, chunk, nb,
     LQ, LK, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, SCAN_KEYS: tl.constexpr,
 ):  # fmt: skip
-    """Classes ``(may, full)`` of the tiles ``blk`` (block indices) against one fixed tile.
+    """The chunk of blocks from ``chunk`` against one fixed tile: ``(blk, may, full, inside)``.
 
-    The fixed tile's reduced summary is ``f_*``; the scanned tiles are the key tiles of one query
-    tile if ``SCAN_KEYS``, else the query tiles of one key tile. Blocks ``>= nb`` are neither.
+    ``blk`` holds the ``SCAN_CHUNK`` block indices, ``inside`` which of them are ``< nb``, and
+    ``(may, full)`` their classes. The fixed tile's reduced summary is ``f_*``; the scanned tiles
+    are the key tiles of one query tile if ``SCAN_KEYS``, else the query tiles of one key tile.
+    Blocks ``>= nb`` are neither.
     """
+    blk = chunk + tl.arange(0, SCAN_CHUNK)
     if SCAN_KEYS:
         c_min, c_max, l_min, l_max, complete = _tile_summary(KSUM, b, NGK, blk * BLOCK_N, BLOCK_N)
         may, full = _tile_class(
@@ -208,7 +211,7 @@ def _scan_class(
             blk * BLOCK_M, start_fixed, LQ, LK, BLOCK_M, BLOCK_N,
         )  # fmt: skip
     inside = blk < nb
-    return may & inside, full & inside
+    return blk, may & inside, full & inside, inside
 
 
 @triton.jit
@@ -237,12 +240,10 @@ def _block_runs(
     lo1, hi1, lo2, f_lo, f_hi = nb, nb, nb, nb, nb
     hi2 = nb * 0
     for c in range(0, nb, SCAN_CHUNK):
-        blk = c + tl.arange(0, SCAN_CHUNK)
-        may, full = _scan_class(
-            QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_fixed, blk, nb, LQ, LK,
+        blk, may, full, inside = _scan_class(
+            QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_fixed, c, nb, LQ, LK,
             BLOCK_M, BLOCK_N, SCAN_KEYS,
         )  # fmt: skip
-        inside = blk < nb
         lo1 = tl.minimum(lo1, _reduce_min(tl.where(may, blk, nb), 0))
         hi2 = tl.maximum(hi2, _reduce_max(tl.where(may, blk + 1, 0), 0))
         hi1 = tl.minimum(hi1, _reduce_min(tl.where((~may) & (blk > lo1) & inside, blk, nb), 0))
@@ -290,13 +291,12 @@ def _classify_kernel(
     f0, f1, f2, f3, f4 = _tile_summary(QSUM, b, NGQ, start_m, BLOCK_M)
     row = CLS + (b * tl.num_programs(0) + pid_m) * NBK
     for c in range(0, NBK, SCAN_CHUNK):
-        blk = c + tl.arange(0, SCAN_CHUNK)
-        may, full = _scan_class(
-            QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_m, blk, NBK, LQ, LK,
+        blk, may, full, inside = _scan_class(
+            QSUM, KSUM, b, NGQ, NGK, f0, f1, f2, f3, f4, start_m, c, NBK, LQ, LK,
             BLOCK_M, BLOCK_N, True,
         )  # fmt: skip
         cls = tl.where(full, FULL, tl.where(may, PARTIAL, INVISIBLE))
-        tl.store(row + blk, cls.to(tl.int8), mask=blk < NBK)
+        tl.store(row + blk, cls.to(tl.int8), mask=inside)
 
 
 # --------------------------------------------------------------------------------------------
