@@ -32,6 +32,12 @@ under ``autoregressive`` the bound is a causal LM's cross-entropy.
 The network is any module with ``embed(tokens) -> [B, L, d]``,
 ``forward(z, t, o, positions) -> out`` (``out.logits [B, L, V]``, ``out.difficulty [B, L]``) and
 ``x0_hat(logits) -> [B, L, d]`` — :class:`flowtext.nn.FlowTransformer` is one.
+
+**Self-conditioning** (``config.self_condition``, docs/theory.md §3g). A network call with no
+keyword is the two-pass denoiser ``f(z, sg(x_hat(f(z, 0))))``, a deterministic function of the
+state, so every bound here is a bound of that denoiser. Only the training estimators, with the
+network in training mode, draw one coin per batch from ``generator``: heads run the two-pass
+denoiser, tails one pass with a zero estimate (``self_cond=False``); the loss is the last pass's.
 """
 
 from __future__ import annotations
@@ -320,6 +326,22 @@ def _ce(logits: Tensor, tokens: Tensor) -> Tensor:
     return flat.view(tokens.shape)
 
 
+def _self_conditioned(net) -> bool:
+    return bool(getattr(getattr(net, "config", None), "self_condition", False))
+
+
+def _self_cond(net, generator: torch.Generator | None) -> dict[str, bool]:
+    """The keyword of a training estimator's network call (empty unless self-conditioned).
+
+    In training mode one draw from ``generator`` per batch: the two-pass denoiser with
+    probability 1/2, else one pass with a zero estimate. In evaluation mode always the two-pass
+    denoiser, and nothing is drawn (the other draws are those of a plain network).
+    """
+    if not _self_conditioned(net) or not getattr(net, "training", False):
+        return {}
+    return {"self_cond": bool(torch.rand((), generator=generator) < 0.5)}
+
+
 def _state(net, x_emb: Tensor, t: Tensor, eps: Tensor, schedule: NoiseSchedule) -> Tensor:
     a = schedule.alpha(t)[..., None]
     s = schedule.sigma(t)[..., None]
@@ -454,7 +476,8 @@ def autoregressive_loss(net, tokens: Tensor, schedule: NoiseSchedule) -> LossTer
     b, length = tokens.shape
     x_emb = net.embed(tokens)
     pos = torch.arange(length, device=tokens.device).expand(b, length)
-    out = net(x_emb, x_emb.new_zeros(b, length), pos, pos)
+    no_estimate = {"self_cond": False} if _self_conditioned(net) else {}
+    out = net(x_emb, x_emb.new_zeros(b, length), pos, pos, **no_estimate)  # no live token
     ce, nats = _ar_terms(net, tokens, x_emb, out.logits, schedule)
     scored = torch.ones_like(tokens, dtype=torch.bool)
     return LossTerms(nats=nats, ce=ce.detach(), difficulty=None, scored=scored, ar_nats=nats)
@@ -595,7 +618,7 @@ def single_stream_loss(
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(x_emb.device)
     z = _state(net, x_emb, t_prev, eps, schedule)
     o = _orders(t_prev, commit_steps(grid)[None, :])
-    out = net(z, t_prev, o, None)
+    out = net(z, t_prev, o, None, **_self_cond(net, generator))
     table, xi = _mixture_inputs(net, x_emb, reverse, generator)
     x_hat = net.x0_hat(out.logits)
     logits = _read_next(out.logits, next_token_readout(t_prev, t_next, o))
@@ -685,9 +708,9 @@ def two_stream_loss(
     t_prev, t_next = tau[j_tok - 1], tau[j_tok]
     eps = torch.randn(x_emb.shape, generator=generator, dtype=x_emb.dtype).to(dev)
     z_noisy = _state(net, x_emb, t_prev, eps, schedule)
-    ar_nats = None
+    ar_nats, sc = None, _self_cond(net, generator)
     if n_blocks == 1:  # no clean key is visible to the noisy stream: one stream suffices
-        out = net(z_noisy, t_prev, torch.full_like(block_ids, LIVE), None)
+        out = net(z_noisy, t_prev, torch.full_like(block_ids, LIVE), None, **sc)
         own, noisy = out.logits, slice(None)
         logits = own
         if ar:
@@ -695,7 +718,7 @@ def two_stream_loss(
     else:
         t2, o2 = two_stream_layout(block_ids, t_prev)
         pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
-        out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos)
+        out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos, **sc)
         clean, own, noisy = out.logits[:, :length], out.logits[:, length:], slice(length, None)
         if ar:
             ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]

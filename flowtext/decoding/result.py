@@ -15,7 +15,8 @@ class DecodeStats:
     """Cost and speed of one :func:`~flowtext.decoding.generate` call.
 
     Attributes:
-        nfe: Network evaluations of live tokens (one forward pass each, whatever its width).
+        nfe: Network evaluations of live tokens (one forward pass each, whatever its width;
+            two for a self-conditioned network, whose denoiser runs two passes).
         passes: All forward passes, ``nfe`` plus commit-only passes (0 for a network with
             :meth:`~flowtext.nn.FlowTransformer.commit_forward`, whose commits are fused into
             evaluations).

@@ -278,16 +278,18 @@ def evaluate(
     Returns:
         ``(logits [B, n, V], difficulty [B, n], new state)``.
     """
+    n_eval = _evaluations(dec.net)
     if not dec.settings.use_cache:
         logits, difficulty, nxt, nxt_pos = _full_forward(dec, s, z, t, idx, valid)
         s = _keep_next(s, nxt, nxt_pos)
-        return logits, difficulty, replace(s, nfe=s.nfe + 1, passes=s.passes + 1)
+        return logits, difficulty, replace(s, nfe=s.nfe + n_eval, passes=s.passes + n_eval)
     pos = torch.gather(dec.context.gen_positions, 1, idx)
     o = torch.full_like(idx, LIVE)
     net = dec.net
     if s.pending is None:
         out = net(z, t, o, positions=pos, cache=s.cache)
-        return out.logits, out.difficulty, replace(s, nfe=s.nfe + 1, passes=s.passes + 1)
+        s = replace(s, nfe=s.nfe + n_eval, passes=s.passes + n_eval)
+        return out.logits, out.difficulty, s
     target = _predecessor(dec, s)
     _, po, ppos = s.pending
     hit = (ppos == target[:, None]) & (po < LIVE)
@@ -301,8 +303,18 @@ def evaluate(
         logits, difficulty, nxt = _forward_with_commits(net, s, z, t, o, pos, readout)
         cache, n_pass = net.commit(s.cache, *s.pending), 2
     s = _keep_next(s, nxt, torch.where(found, target, -1))
-    s = replace(s, cache=cache, pending=None, nfe=s.nfe + 1, passes=s.passes + n_pass)
+    n_pass += n_eval - 1  # a self-conditioned evaluation's second pass
+    s = replace(s, cache=cache, pending=None, nfe=s.nfe + n_eval, passes=s.passes + n_pass)
     return logits, difficulty, s
+
+
+def _evaluations(net) -> int:
+    """Network passes per evaluation of live tokens: 2 for a self-conditioned network.
+
+    Its denoiser is the two-pass ``f(z, sg(x_hat(f(z, 0))))`` that its bounds score
+    (docs/theory.md §3g), so the decoder samples what is scored and counts both passes.
+    """
+    return 2 if getattr(getattr(net, "config", None), "self_condition", False) else 1
 
 
 def _forward_with_commits(net, s: DecodeState, z, t, o, pos, readout) -> tuple[Tensor, ...]:

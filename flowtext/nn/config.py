@@ -48,6 +48,8 @@ class FlowTransformerConfig:
     """Compile each block with ``torch.compile`` (one graph shared by all layers; same weights)."""
     output_prior: bool = False
     """Add each token's Bayes posterior logits under a learned unigram prior to the readout."""
+    self_condition: bool = False
+    """Self-conditioning: the denoiser runs twice, live tokens seeing their first-pass estimate."""
 
     def __post_init__(self) -> None:
         for name in ("vocab_size", "max_len", "d_model", "n_layers", "n_heads", "d_embed"):
@@ -77,7 +79,7 @@ class FlowTransformerConfig:
                 f"unknown attention_backend {self.attention_backend!r}; "
                 f"valid: {', '.join(BACKENDS)}"
             )
-        for name in ("compile", "output_prior"):
+        for name in ("compile", "output_prior", "self_condition"):
             if not isinstance(getattr(self, name), bool):
                 raise ConfigError(f"{name} must be a bool, got {getattr(self, name)!r}")
         if not self.rope_base > 1:

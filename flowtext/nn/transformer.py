@@ -4,7 +4,9 @@ Reading order of :meth:`FlowTransformer.forward`:
 
 1. input: ``W_in z_i`` for tokens with ``t_i < 1``; a learned null vector for ``t_i == 1`` (their
    ``z`` is not read); plus ``W_t c_i`` where ``c_i = MLP(features(t_i))`` is the token's time
-   conditioning;
+   conditioning; with ``config.self_condition`` also ``W_sc x_hat_i`` for live tokens, where
+   ``x_hat_i`` is the token's clean estimate from a first pass (self-conditioning, see
+   :meth:`FlowTransformer.forward`);
 2. ``n_layers`` pre-norm blocks with per-token low-rank adaLN-Zero modulation from ``c_i``,
    rotary positions, and attention under the visibility rule of theory §2;
 3. final modulated norm, then two heads: logits over the vocabulary and a non-negative
@@ -21,7 +23,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from flowtext.attention import plan_attention
-from flowtext.errors import ShapeError, TimeRangeError
+from flowtext.errors import ConfigError, ShapeError, TimeRangeError
 from flowtext.nn.cache import KVCache
 from flowtext.nn.config import FlowTransformerConfig
 from flowtext.nn.latents import LatentTable, _describe, _is_int
@@ -126,6 +128,8 @@ class FlowTransformer(LatentTable, nn.Module):
             nn.Linear(c.d_model, c.d_model), nn.GELU(), nn.Linear(c.d_model, 1)
         )
         self._init_prior()  # prior_logits [V] when config.output_prior
+        if c.self_condition:  # registered last: the other parameters are drawn as without it
+            self.self_cond_proj = nn.Parameter(torch.zeros(c.d_model, c.d_embed))
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -142,6 +146,8 @@ class FlowTransformer(LatentTable, nn.Module):
                 module.reset_parameters()
         if self.config.output_prior:
             nn.init.zeros_(self.prior_logits)  # a uniform prior until it learns
+        if self.config.self_condition:
+            nn.init.zeros_(self.self_cond_proj)  # untrained, the plain one-pass network
 
     # ------------------------------------------------------------------ embeddings
 
@@ -154,6 +160,8 @@ class FlowTransformer(LatentTable, nn.Module):
         o: Tensor,
         positions: Tensor | None = None,
         cache: KVCache | None = None,
+        *,
+        self_cond: bool | Tensor = True,
     ) -> FlowOutput:
         """Predict clean tokens and difficulties for every given token.
 
@@ -170,6 +178,11 @@ class FlowTransformer(LatentTable, nn.Module):
             positions: Positions ``[B, L]`` or ``[L]`` (integer) in ``[0, max_len)``; default
                 ``Lc + arange(L)`` where ``Lc`` is the cache length (0 without a cache).
             cache: Committed tokens' keys and values from :meth:`commit`, or ``None``.
+            self_cond: Read only with ``config.self_condition`` (docs/theory.md §3g). ``True``:
+                the self-conditioned denoiser ``f(z, sg(x_hat(f(z, 0))))``, two passes (what
+                every bound and the decoder read); ``False``: one pass with a zero estimate (the
+                training batches without a first pass); a tensor ``[B, L, d_embed]``: one pass
+                with that estimate (rows of committed tokens are not read).
 
         Returns:
             :class:`FlowOutput` with ``logits [B, L, V]``, ``difficulty [B, L]``,
@@ -178,8 +191,10 @@ class FlowTransformer(LatentTable, nn.Module):
         Raises:
             ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
             TimeRangeError: ``t`` outside ``[0, 1]``.
+            ConfigError: An estimate tensor for a network without self-conditioning.
         """
-        h, _ = self._trunk(z, t, o, positions, cache)
+        estimate = self._estimate(z, t, o, positions, cache, self_cond)
+        h, _ = self._trunk(z, t, o, positions, cache, estimate)
         return self._heads(h, z, t)
 
     def null_logits(self) -> Tensor:
@@ -192,9 +207,20 @@ class FlowTransformer(LatentTable, nn.Module):
         Returns:
             ``[V]`` logits in the parameters' dtype.
         """
+        if not self.config.self_condition:
+            return self._null_pass(None)
+        with torch.no_grad():  # the two-pass denoiser, as forward
+            estimate = self.x0_hat(self._null_pass(None))
+        return self._null_pass(estimate)
+
+    def _null_pass(self, estimate: Tensor | None) -> Tensor:
+        """One pass of the null query (``estimate [d_embed]``: its self-conditioning input)."""
         c = self.time_embed(self.null.new_ones(1, 1))
         c_act = F.silu(c)
-        x = self.drop(self.null + self.time_in(c))  # [1, 1, d_model]
+        x = self.null + self.time_in(c)  # [1, 1, d_model]
+        if estimate is not None:
+            x = x + F.linear(estimate.to(x.dtype), self.self_cond_proj)
+        x = self.drop(x)
         for block in self.blocks:
             x, _ = block(x, c_act, None)
         shift, scale = self.final_modulation(c_act)
@@ -218,7 +244,9 @@ class FlowTransformer(LatentTable, nn.Module):
         Equal to ``cache = commit(cache, *committed)`` followed by
         ``forward(z, t, o, positions, cache)``, but one trunk pass runs both: the committed
         tokens (order ``<`` every live order) never attend to the queries, so their keys and
-        values are the ones :meth:`commit` computes (theory §2), and the queries see them.
+        values are the ones :meth:`commit` computes (theory §2), and the queries see them. With
+        ``config.self_condition`` that pass is the first one; the queries' second pass runs
+        against the extended cache (committed tokens have no estimate, so the cache is exact).
 
         Args:
             cache: Current cache (unchanged; a new one is returned).
@@ -240,6 +268,24 @@ class FlowTransformer(LatentTable, nn.Module):
             ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
             TimeRangeError: Commit orders above ``LIVE`` or not after the cached ones.
         """
+        out, cache = self._fused_commit(cache, committed, z, t, o, positions, readout)
+        if self.config.self_condition and bool((t > 0).any()):
+            nxt, estimate = out.next_logits, self.x0_hat(out.logits.detach())
+            out = self.forward(z, t, o, positions, cache, self_cond=estimate)
+            out.next_logits = nxt  # a committed token's features: the same in either pass
+        return out, cache
+
+    def _fused_commit(
+        self,
+        cache: KVCache,
+        committed: tuple[Tensor, Tensor, Tensor],
+        z: Tensor,
+        t: Tensor,
+        o: Tensor,
+        positions: Tensor,
+        readout: Tensor | None,
+    ) -> tuple[FlowOutput, KVCache]:
+        """One trunk pass of :meth:`commit_forward` (zero self-conditioning estimate)."""
         zc, oc, pc = committed
         self._check_commit_orders(cache, oc)
         if not isinstance(t, Tensor) or t.ndim != 2:
@@ -337,6 +383,35 @@ class FlowTransformer(LatentTable, nn.Module):
 
     # ------------------------------------------------------------------ internals
 
+    def _estimate(
+        self,
+        z: Tensor,
+        t: Tensor,
+        o: Tensor,
+        positions: Tensor | None,
+        cache: KVCache | None,
+        self_cond: bool | Tensor,
+    ) -> Tensor | None:
+        """The self-conditioning input ``[B, L, d_embed]`` of :meth:`forward`, or ``None`` (zero).
+
+        ``True`` on a self-conditioned network runs the first pass (no gradient: ``sg``) and
+        returns its softmax-mean embedding; nothing when no token is live (all committed).
+        """
+        if isinstance(self_cond, Tensor):
+            if not self.config.self_condition:
+                raise ConfigError("a self-conditioning estimate needs config.self_condition=True")
+            if self_cond.shape != getattr(z, "shape", None):
+                raise ShapeError(f"the estimate must have z's shape, got {_describe(self_cond)}")
+            return self_cond
+        if not (self_cond and self.config.self_condition):
+            return None
+        self._check(z, t, o, cache)
+        if not bool((t > 0).any()):
+            return None
+        with torch.no_grad():
+            h, _ = self._trunk(z, t, o, positions, cache)
+            return self.x0_hat(self._heads(h, z, t).logits)
+
     def _heads(self, h: Tensor, z: Tensor, t: Tensor) -> FlowOutput:
         def difficulty() -> Tensor:  # only when read: no cost where nothing trains or reads it
             feats = h.detach() if self.config.difficulty_detach else h
@@ -424,8 +499,13 @@ class FlowTransformer(LatentTable, nn.Module):
         o: Tensor,
         positions: Tensor | None,
         cache: KVCache | None,
+        estimate: Tensor | None = None,
     ) -> tuple[Tensor, list[tuple[Tensor, Tensor]]]:
-        """Final features ``[B, L, d_model]`` and each layer's ``(k, v)`` of the given tokens."""
+        """Final features ``[B, L, d_model]`` and each layer's ``(k, v)`` of the given tokens.
+
+        ``estimate [B, L, d_embed]`` is the self-conditioning input (``None``: zero; read only
+        with ``config.self_condition``, and only for live tokens).
+        """
         self._check(z, t, o, cache)
         b, n = t.shape
         past = 0 if cache is None else cache.length
@@ -442,6 +522,10 @@ class FlowTransformer(LatentTable, nn.Module):
         noise = (t == 1)[..., None]
         z = z.to(dtype).masked_fill(noise, 0.0)  # a t = 1 token's z is never read, not even NaN
         x = torch.where(noise, self.null, self.in_proj(z)) + self.time_in(c)
+        if self.config.self_condition:  # always in the graph: DDP expects a gradient for it
+            est = z.new_zeros(z.shape) if estimate is None else estimate.to(dtype)
+            # committed tokens get none: their keys never depend on live tokens (cacheable)
+            x = x + F.linear(est.masked_fill((t == 0)[..., None], 0.0), self.self_cond_proj)
         x = self.drop(x)
 
         if cache is None:
