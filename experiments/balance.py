@@ -181,7 +181,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--heads", type=int, default=4)
     p.add_argument("--steps-per-block", type=int, default=0, help="0: the regime's own")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16])
-    p.add_argument("--grad-batches", type=int, default=2)
+    p.add_argument("--grad-batches", type=int, default=2, help="0: skip the gradient rows")
     args = p.parse_args(argv)
     if args.quick:
         args.steps, args.length, args.batch, args.width, args.layers = 3, 16, 4, 32, 1
@@ -208,15 +208,17 @@ def main(argv=None) -> int:
         lm = build(name, dm, args)
         seconds = train(name, lm, dm, args)
         bounds.append(bound_rows(name, lm, val, seconds, args))
-        grads += gradient_rows(name, lm, val[: args.grad_batches], args)
+        if args.grad_batches > 0:  # 0: bounds only
+            grads += gradient_rows(name, lm, val[: args.grad_batches], args)
         print(json.dumps(bounds[-1]), flush=True)
     args.out.mkdir(parents=True, exist_ok=True)
     write_csv(args.out / "balance.csv", bounds)
     write_csv(args.out / "gradients.csv", grads)
     head = [f"# Evo's balance at {args.steps} steps ({hardware()})", "",
             "Validation bits/byte (lower is better):", ""]  # fmt: skip
-    lines = head + md_table(bounds) + ["", "Gradients of each drawn bound:", ""]
-    lines += md_table(grads)
+    lines = head + md_table(bounds)
+    if grads:
+        lines += ["", "Gradients of each drawn bound:", "", *md_table(grads)]
     (args.out / "balance.md").write_text("\n".join(lines) + "\n")
     print("\n".join(lines))
     return 0
