@@ -10,7 +10,9 @@ validation bits/byte of its synchronous and ``block(B)`` bounds (one table) and 
 
 Ingredients: ``reverse`` = ``gaussian`` (Gaussian-mean step) or ``mixture`` (theory §4b, the
 model trains and reports the mixture bound); ``schedule`` = ``cosine`` or ``info-uniform``
-(fitted during training every ``--fit-every`` steps, frozen for evaluation, theory §4c).
+(fitted during training every ``--fit-every`` steps, frozen for evaluation, theory §4c);
+with ``--self-condition off on`` also self-conditioning (docs/theory.md §3g: bounds of the
+two-pass denoiser, plotted at twice the evaluations per step; a ``self_cond`` column).
 Families: ``diffusion`` (one block over the sequence) and ``evo`` (the Evo regime). Every
 model also reports its exact AR bound (``ar_bpb``, ``block(1)``: one jump per token), the
 reference a bound of the same model should not beat by much. Bounds are estimated in evaluation
@@ -53,8 +55,8 @@ def corpus(length: int) -> torch.Tensor:
     return ids[: n * length].reshape(n, length)
 
 
-def build(family: str, reverse: str, schedule: str, args) -> FlowLM:
-    """A fresh tiny model of ``family`` with the given reverse step and schedule."""
+def build(family: str, reverse: str, schedule: str, args, self_condition: bool = False) -> FlowLM:
+    """A fresh tiny model of ``family`` with the given reverse step, schedule, self-conditioning."""
     base = TrainingRegime.diffusion(args.train_steps) if family == "diffusion" else None
     if base is None:
         base = dataclasses.replace(TrainingRegime.evo(), steps_per_block=args.train_steps)
@@ -63,6 +65,7 @@ def build(family: str, reverse: str, schedule: str, args) -> FlowLM:
     net = FlowTransformerConfig(
         vocab_size=256, max_len=args.length, d_model=args.width, n_layers=args.layers,
         n_heads=2, d_embed=16, cond_dim=32, cond_rank=4, attention_backend="sdpa",
+        self_condition=self_condition,
     )  # fmt: skip
     kwargs = {"n_bins": 32} if schedule == "info-uniform" else None
     torch.manual_seed(args.seed)
@@ -114,10 +117,11 @@ def figure(results: dict, args, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(6, 4))
     for name, res in results.items():
         ms = list(args.steps_per_block)
-        ax.plot(ms, [res[("block", m)] for m in ms], marker="o", label=name)
+        evals = [m * res.get("passes", 1) for m in ms]  # a self-conditioned step is 2 passes
+        ax.plot(evals, [res[("block", m)] for m in ms], marker="o", label=name)
     ax.set_xscale("log", base=2)
     ax.set_yscale("log")  # the Gaussian-mean step on cosine reaches thousands of bits/byte
-    ax.set_xlabel(f"steps per block (network evaluations per block of {args.block})")
+    ax.set_xlabel(f"network evaluations per block of {args.block} (steps, x2 self-conditioned)")
     ax.set_ylabel("validation bound, bits/byte")
     ax.set_title(f"ablation at {args.steps} training steps")
     ax.legend(fontsize=7)
@@ -135,6 +139,10 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--train-steps", type=int, default=16, help="steps per block of training")
     p.add_argument("--fit-every", type=int, default=50, help="info-uniform refit interval")
     p.add_argument("--families", nargs="+", default=list(FAMILIES), choices=FAMILIES)
+    p.add_argument(
+        "--self-condition", nargs="+", default=["off"], choices=("off", "on"),
+        help="self-conditioning variants ('off on' trains every model both ways)",
+    )  # fmt: skip
     args = p.parse_args(argv)
     args.steps_per_block = (2, 4, 8, 16, 64)
     if args.quick:
@@ -153,15 +161,19 @@ def main(argv=None) -> int:
     val = list(rows_all[-n_val:].split(args.batch))
     train_rows = rows_all[:-n_val]
     results, rows = {}, []
-    for fam, rev, sch in itertools.product(args.families, REVERSES, SCHEDULES):
-        lm = build(fam, rev, sch, args)
+    variants = itertools.product(args.families, REVERSES, SCHEDULES, args.self_condition)
+    for fam, rev, sch, sc in variants:
+        lm = build(fam, rev, sch, args, self_condition=sc == "on")
         train(lm, train_rows, args)
-        res = evaluate(lm, val, args)
-        name = f"{fam} {rev} {sch}"
+        res = evaluate(lm, val, args) | {"passes": 2 if sc == "on" else 1}
+        name = f"{fam} {rev} {sch}" + (" self-cond" if sc == "on" else "")
         results[name] = res
         m = max(args.steps_per_block)
+        sc_col = {"self_cond": sc} if args.self_condition != ["off"] else {}
         rows.append(
-            {"family": fam, "reverse": rev, "schedule": sch, "ar_bpb": res["ar"]}
+            {"family": fam, "reverse": rev, "schedule": sch}
+            | sc_col
+            | {"ar_bpb": res["ar"]}
             | {f"sync_bpb@{k}": res[("sync", k)] for k in (min(args.steps_per_block), m)}
             | {f"block{args.block}_bpb@{k}": res[("block", k)] for k in args.steps_per_block}
             | {"max_se": res["se"]}
