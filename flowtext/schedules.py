@@ -35,6 +35,7 @@ __all__ = [
     "NoiseSchedule",
     "Shifted",
     "VP",
+    "WarpedSchedule",
     "get",
     "names",
     "register",
@@ -229,9 +230,56 @@ class VP(NoiseSchedule):
         return (torch.sqrt(self.beta_min**2 + 2 * delta * big_b) - self.beta_min) / delta
 
 
+class WarpedSchedule(NoiseSchedule):
+    """A base schedule on a warped clock: ``alpha_base(w(t))`` and ``sigma_base(w(t))``.
+
+    Subclasses give the warp ``w`` (:meth:`warp`: increasing, ``w(0) = 0``, ``w(1) = 1``), its
+    derivative (:meth:`d_warp`, finite and positive on ``[0, 1]``) and :meth:`t_from_log_snr`.
+    The coefficients, their derivatives (chain rule) and the log-SNR ``lambda_base(w(t))``
+    follow, and ``lambda`` keeps the base's end singularities (``log_snr_exponents``).
+
+    Attributes:
+        base: The schedule whose clock is warped.
+    """
+
+    base: NoiseSchedule
+
+    @abstractmethod
+    def warp(self, t: Tensor) -> Tensor:
+        """The base-schedule time ``w(t)`` with the same log-SNR as ``t`` here."""
+
+    @abstractmethod
+    def d_warp(self, t: Tensor) -> Tensor:
+        """Derivative ``w'(t)``, finite and positive on ``[0, 1]``."""
+
+    # a property (the base schedule's exponents) where NoiseSchedule declares a ClassVar
+    @property
+    def log_snr_exponents(self) -> tuple[float, float]:  # type: ignore[override]
+        """Same singularity strengths as the base (``w'`` is finite and positive at the ends)."""
+        return self.base.log_snr_exponents
+
+    def alpha(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.alpha(self.warp(t))
+
+    def sigma(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.sigma(self.warp(t))
+
+    def d_alpha(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.d_alpha(self.warp(t)) * self.d_warp(t)
+
+    def d_sigma(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.d_sigma(self.warp(t)) * self.d_warp(t)
+
+    def log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.log_snr(self.warp(t))
+
+    def d_log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
+        return self.base.d_log_snr(self.warp(t)) * self.d_warp(t)
+
+
 @register("shifted")
 @dataclass(frozen=True)
-class Shifted(NoiseSchedule):
+class Shifted(WarpedSchedule):
     """Log-SNR shift of a base schedule: ``lambda(t) = lambda_base(t) - shift``.
 
     Realised as a time warp ``alpha(t) = alpha_base(w(t))``, ``sigma(t) = sigma_base(w(t))``
@@ -254,12 +302,6 @@ class Shifted(NoiseSchedule):
         if not math.isfinite(self.shift):
             raise ConfigError(f"shift must be finite, got {self.shift}")
 
-    # a property (the base schedule's exponents) where NoiseSchedule declares a ClassVar
-    @property
-    def log_snr_exponents(self) -> tuple[float, float]:  # type: ignore[override]
-        """Same singularity strengths as the base schedule."""
-        return self.base.log_snr_exponents
-
     def warp(self, t: Tensor) -> Tensor:
         """The base-schedule time ``w(t)`` with the same log-SNR as ``t`` here."""
         return self.base.t_from_log_snr(self.base.log_snr(t) - self.shift)
@@ -274,18 +316,6 @@ class Shifted(NoiseSchedule):
             ratio = torch.where(t == 1, torch.full_like(t, math.exp(-self.shift / p1)), ratio)
         return ratio
 
-    def alpha(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.alpha(self.warp(t))
-
-    def sigma(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.sigma(self.warp(t))
-
-    def d_alpha(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.d_alpha(self.warp(t)) * self.d_warp(t)
-
-    def d_sigma(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.d_sigma(self.warp(t)) * self.d_warp(t)
-
     def log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
         return self.base.log_snr(t) - self.shift
 
@@ -297,7 +327,7 @@ class Shifted(NoiseSchedule):
 
 
 @register("info-uniform")
-class InfoUniform(NoiseSchedule):
+class InfoUniform(WarpedSchedule):
     """Information-uniform schedule (theory §4c): a fitted time warp of a base schedule.
 
     ``alpha(t) = alpha_b(w(t))``, ``sigma(t) = sigma_b(w(t))``, ``lambda(t) = lambda_b(w(t))``,
@@ -369,12 +399,6 @@ class InfoUniform(NoiseSchedule):
     def __repr__(self) -> str:
         return f"InfoUniform(base={self.base!r}, n_bins={self.n_bins}, frozen={self.frozen})"
 
-    # a property (the base schedule's exponents) where NoiseSchedule declares a ClassVar
-    @property
-    def log_snr_exponents(self) -> tuple[float, float]:  # type: ignore[override]
-        """Same singularity strengths as the base (``w'`` is finite and positive at the ends)."""
-        return self.base.log_snr_exponents
-
     @property
     def knots(self) -> Tensor:
         """Base times of the density's knots, ``0 = u_0 < ... < u_m = 1`` (float64)."""
@@ -426,24 +450,6 @@ class InfoUniform(NoiseSchedule):
         j = self._segment(knots, u)
         x = (u - knots[j]) / (knots[j + 1] - knots[j])
         return 1 / (f[j] + (f[j + 1] - f[j]) * x)
-
-    def alpha(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.alpha(self.warp(t))
-
-    def sigma(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.sigma(self.warp(t))
-
-    def d_alpha(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.d_alpha(self.warp(t)) * self.d_warp(t)
-
-    def d_sigma(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.d_sigma(self.warp(t)) * self.d_warp(t)
-
-    def log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.log_snr(self.warp(t))
-
-    def d_log_snr(self, t: Tensor) -> Tensor:  # noqa: D102
-        return self.base.d_log_snr(self.warp(t)) * self.d_warp(t)
 
     def t_from_log_snr(self, lam: Tensor) -> Tensor:  # noqa: D102
         return self.cdf(self.base.t_from_log_snr(lam))
