@@ -424,3 +424,13 @@ def test_the_cli_switch_reaches_the_network(tmp_path):
             "--model.init_args.net.self_condition=true"]  # fmt: skip
     cli = cli_main(args, run=False)
     assert cli.model.net.config.self_condition and hasattr(cli.model.net, "self_cond_proj")
+
+
+def test_the_ablation_has_a_self_conditioning_switch(tmp_path, capsys):
+    from experiments import ablate
+
+    argv = ["--quick", "--out", str(tmp_path), "--families", "diffusion", "--self-condition", "on"]
+    assert ablate.main(argv) == 0
+    assert "| diffusion | mixture | cosine | on |" in capsys.readouterr().out
+    rows = (tmp_path / "ablate.csv").read_text().splitlines()
+    assert rows[0].split(",")[3] == "self_cond" and len(rows) == 1 + 4
