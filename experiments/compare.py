@@ -330,6 +330,7 @@ def eval_samples(run: Run, judge: Run, windows: torch.Tensor, args) -> list[dict
             temperature=1.0,
             generator=torch.Generator().manual_seed(args.seed),
             **dec.kwargs(),
+            **_solver(args.solver),
         )
         ids, _ = res.padded(0)
         seqs = torch.cat([prompts, ids], 1)
@@ -359,8 +360,11 @@ def pareto(points: list[tuple[float, float]], others: list[tuple[float, float]])
 
 
 @torch.no_grad()
-def eval_addition(run: Run, n: int, quick: bool) -> list[dict]:
-    """Greedy exact-match accuracy on ``n`` validation problems, per decode setting."""
+def eval_addition(run: Run, n: int, quick: bool, solver: str | None = None) -> list[dict]:
+    """Greedy exact-match accuracy on ``n`` validation problems, per decode setting.
+
+    ``solver``: every decoder's solver (``None``: ``generate``'s default).
+    """
     task, tok, dm = run.dm.source, run.tokenizer, run.dm
     exs = [task.example("val", i, seed=dm.seed) for i in range(n)]
     prompts = [tok.encode(ex.prompt) for ex in exs]
@@ -375,6 +379,7 @@ def eval_addition(run: Run, n: int, quick: bool) -> list[dict]:
             greedy=True,
             eos_id=tok.eos_id,
             **dec.kwargs(),
+            **_solver(solver),
         )
         hits = [task.exact_match_ids(res.tokens[i], ex, tok) for i, ex in enumerate(exs)]
         rows.append(
@@ -389,6 +394,10 @@ def eval_addition(run: Run, n: int, quick: bool) -> list[dict]:
             }
         )
     return rows
+
+
+def _solver(name: str | None) -> dict:
+    return {} if name is None else {"solver": name}
 
 
 # ---------------------------------------------------------------------------------- reporting
@@ -562,6 +571,9 @@ def parse(argv=None):
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=64)
     p.add_argument("--threads", type=int, default=1, help="torch CPU threads")
+    p.add_argument(
+        "--solver", default=None, help="every decoder's solver (default: generate's own)"
+    )
     args = p.parse_args(argv)
     if args.quick:
         args.max_steps, args.addition_max_steps = min(args.max_steps, 3), 3
@@ -657,7 +669,7 @@ def addition_stage(args, dest: Path, res: Results, clock: Clock) -> None:
             r = load_run(name, Path(args.addition_ckpt_dir), dest / "addition" / name)
         else:
             r = train_run(name, dest / "addition" / name, extra, args)
-        res.addition += eval_addition(r, args.addition_problems, args.quick)
+        res.addition += eval_addition(r, args.addition_problems, args.quick, args.solver)
         res.addition_train.append({"model": name, "source": r.ckpt, **r.train})
         clock.log(f"addition {name}")
 
