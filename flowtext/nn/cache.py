@@ -6,7 +6,7 @@ depend on live tokens: once computed they stay exact for the rest of decoding.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
+from dataclasses import dataclass, fields, replace
 from typing import TYPE_CHECKING
 
 import torch
@@ -46,6 +46,32 @@ class LayerCache:
     def batch_size(self) -> int:
         """Batch size ``B``."""
         return self.orders.shape[0]
+
+    @classmethod
+    def empty(
+        cls,
+        n_layers: int,
+        batch_size: int,
+        heads: int,
+        head_dim: int,
+        *,
+        device: torch.device | str | None = None,
+        dtype: torch.dtype | None = None,
+    ) -> Self:
+        """A cache of ``Lc = 0`` tokens: keys and values ``[B, H, 0, Dh]``, the rest ``[B, 0]``.
+
+        Args:
+            n_layers: Layers (one key and one value tensor each).
+            batch_size: Rows ``B``.
+            heads: Key/value heads ``H``.
+            head_dim: Head dimension ``Dh``.
+            device: Device of every tensor.
+            dtype: Dtype of the keys and values (the per-token fields are int64).
+        """
+        kv = torch.zeros(batch_size, heads, 0, head_dim, device=device, dtype=dtype)
+        idx = torch.zeros(batch_size, 0, device=device, dtype=torch.long)
+        per_token = {f.name: idx for f in fields(cls) if f.name not in ("keys", "values")}
+        return cls(keys=(kv,) * n_layers, values=(kv,) * n_layers, **per_token)
 
     def _extended(
         self, kv: list[tuple[Tensor, Tensor]], orders: Tensor, positions: Tensor, **more: Tensor

@@ -47,10 +47,9 @@ from torch import Tensor, nn
 
 from flowtext.attention import visibility_mask
 from flowtext.errors import ConfigError, ShapeError
+from flowtext.nn.backbone import FlowBackbone, FlowOutput, Trunk
 from flowtext.nn.cache import LayerCache
-from flowtext.nn.latents import LatentTable
 from flowtext.nn.layers import LowRankModulation, TimeEmbedding
-from flowtext.nn.transformer import FlowOutput
 from flowtext.visibility import check_times
 
 __all__ = [
@@ -208,12 +207,15 @@ def _first_id(value: Any) -> int | None:
     return value if isinstance(value, int) else None
 
 
-class PretrainedBackbone(LatentTable, nn.Module):
+class PretrainedBackbone(FlowBackbone[PretrainedCache]):
     """A Hugging Face causal LM's trunk as the time-conditioned flow denoiser.
 
     Build one with :meth:`from_pretrained` (a local model directory) or :meth:`from_config`
     (a config dict, random weights: how checkpoints are rebuilt). See the module docstring for
-    how the AR case equals the pretrained model at initialization.
+    how the AR case equals the pretrained model at initialization. The passes are
+    :class:`~flowtext.nn.backbone.FlowBackbone`'s; committed latents must be table rows
+    ``e(x_i)`` (their ids are read back from them), and a commit pass's ``next_logits`` are the
+    pretrained next-token logits at the read-out token's position.
 
     Args:
         model: A ``transformers`` causal LM of a family in :data:`SUPPORTED_FAMILIES`.
@@ -225,6 +227,7 @@ class PretrainedBackbone(LatentTable, nn.Module):
 
     lm: Any
     """The wrapped ``transformers`` model (typed ``Any``: its submodules vary by family)."""
+    _cache_type = PretrainedCache
 
     def __init__(self, model: Any, adapter: AdapterConfig | None = None) -> None:
         super().__init__()
@@ -374,149 +377,23 @@ class PretrainedBackbone(LatentTable, nn.Module):
         base = self.lm.base_model
         return base.h if self._learned_positions else base.layers
 
-    # ------------------------------------------------------------------ embeddings
+    # ------------------------------------------------------------------ internals
 
-    # ------------------------------------------------------------------ forward / cache
+    def _logits(self, h: Tensor) -> Tensor:
+        return self.lm.get_output_embeddings()(h)
 
-    def forward(
-        self,
-        z: Tensor,
-        t: Tensor,
-        o: Tensor,
-        positions: Tensor | None = None,
-        cache: PretrainedCache | None = None,
-    ) -> FlowOutput:
-        """Clean-token logits and difficulties of every given token (as ``FlowTransformer``).
-
-        Args:
-            z: Latents ``[B, L, d_embed]``; committed rows must be table rows ``e(x_i)``.
-            t: Times ``[B, L]`` in ``[0, 1]``.
-            o: Orders ``[B, L]`` (integer).
-            positions: ``[B, L]`` or ``[L]``; default ``Lc + arange(L)``.
-            cache: Committed tokens from :meth:`commit`, or ``None``.
-
-        Returns:
-            :class:`~flowtext.nn.FlowOutput` (``logits [B, L, V]``, ``difficulty [B, L]``,
-            ``hidden [B, L, d_model]``).
-
-        Raises:
-            ShapeError: Wrong shapes, or positions beyond ``max_len``.
-            TimeRangeError: ``t`` outside ``[0, 1]``.
-        """
-        h, _, _ = self._trunk(z, t, o, positions, cache)
-        return self._heads(h, z, t)
-
-    def new_cache(
-        self, batch_size: int, *, device: Any = None, dtype: torch.dtype | None = None
-    ) -> PretrainedCache:
-        """An empty cache for ``batch_size`` rows (device and dtype of the parameters)."""
-        ref = self.embedding
-        device = ref.device if device is None else device
-        dtype = ref.dtype if dtype is None else dtype
+    def _kv_shape(self) -> tuple[int, int]:
         hf = self.lm.config
         n_heads = getattr(hf, "num_key_value_heads", None) or hf.num_attention_heads
         head_dim = getattr(hf, "head_dim", None) or self.config.d_model // hf.num_attention_heads
-        empty = torch.zeros(batch_size, n_heads, 0, head_dim, device=device, dtype=dtype)
-        idx = torch.zeros(batch_size, 0, device=device, dtype=torch.long)
-        n = self.config.n_layers
-        return PretrainedCache((empty,) * n, (empty,) * n, idx, idx, idx)
-
-    def commit(
-        self, cache: PretrainedCache, z: Tensor, o: Tensor, positions: Tensor
-    ) -> PretrainedCache:
-        """Run newly committed tokens (``t = 0``) and return the extended cache (exact).
-
-        Args:
-            cache: Current cache (unchanged).
-            z: Committed latents ``[B, n, d_embed]``.
-            o: Commit orders ``[B, n]`` (``LIVE`` = padding).
-            positions: Positions ``[B, n]``.
-        """
-        if z.shape[1] == 0:
-            return cache
-        t = torch.zeros(o.shape, device=o.device, dtype=torch.float32)
-        _, kv, ids = self._trunk(z, t, o, positions, cache)
-        b, n = o.shape
-        pos = self._positions(positions, b, n, cache.length, o.device)
-        return cache.append(kv, o, pos, ids)
-
-    def commit_forward(
-        self,
-        cache: PretrainedCache,
-        committed: tuple[Tensor, Tensor, Tensor],
-        z: Tensor,
-        t: Tensor,
-        o: Tensor,
-        positions: Tensor,
-        *,
-        readout: Tensor | None = None,
-    ) -> tuple[FlowOutput, PretrainedCache]:
-        """:meth:`commit` then :meth:`forward` in one pass (committed tokens never see queries).
-
-        Args:
-            cache: Current cache (unchanged).
-            committed: ``(z_c [B, n, d_embed], o_c [B, n], positions_c [B, n])``.
-            z: Query latents ``[B, m, d_embed]``.
-            t: Query times ``[B, m]``.
-            o: Query orders ``[B, m]``.
-            positions: Query positions ``[B, m]``.
-            readout: Optional ``[B]`` index of one committed token per row (``-1``: none, those
-                rows get the first one's): its logits, the pretrained next-token logits at its
-                position, come back as ``next_logits [B, V]``.
-
-        Returns:
-            ``(FlowOutput of the queries, cache extended by the committed tokens)``.
-        """
-        zc, oc, pc = committed
-        n = zc.shape[1]
-        t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
-        h, kv, ids = self._trunk(
-            torch.cat([zc, z], 1),
-            t_all,
-            torch.cat([oc, o], 1),
-            torch.cat([pc, positions], 1),
-            cache,
-        )
-        cache = cache.append([(k[:, :, :n], v[:, :, :n]) for k, v in kv], oc, pc, ids[:, :n])
-        out = self._heads(h[:, n:], z, t)
-        if readout is not None:
-            idx = readout.clamp_min(0).view(-1, 1, 1).expand(-1, 1, h.shape[-1])
-            out.next_logits = self.lm.get_output_embeddings()(torch.gather(h[:, :n], 1, idx))[:, 0]
-            log_pi = self.log_prior()  # the prior of the next token: no state informs it
-            if log_pi is not None:
-                out.next_logits = out.next_logits + log_pi
-        return out, cache
-
-    # ------------------------------------------------------------------ internals
+        return n_heads, head_dim
 
     def _heads(self, h: Tensor, z: Tensor, t: Tensor) -> FlowOutput:
         feats = h.detach() if self.config.difficulty_detach else h
         difficulty = F.softplus(self.difficulty_head(feats)).squeeze(-1)
-        logits, prior = self.lm.get_output_embeddings()(h), self.prior(z, t)
+        logits, prior = self._logits(h), self.prior(z, t)
         logits = logits if prior is None else logits + prior
         return FlowOutput(logits=logits, difficulty=difficulty, hidden=h)
-
-    def _positions(
-        self, positions: Tensor | None, batch: int, length: int, past: int, device: torch.device
-    ) -> Tensor:
-        max_len = self.config.max_len
-        if positions is None:
-            positions = torch.arange(past, past + length, device=device)
-        if not isinstance(positions, Tensor) or positions.is_floating_point():
-            raise ShapeError("positions must be an integer tensor [B, L] or [L]")
-        if positions.shape == (length,):
-            positions = positions.expand(batch, length)
-        if positions.shape != (batch, length):
-            raise ShapeError(
-                f"positions must have shape [B, L] = {(batch, length)} or [L], got "
-                f"{tuple(positions.shape)}"
-            )
-        if positions.numel() and (positions.min() < 0 or positions.max() >= max_len):
-            raise ShapeError(
-                f"positions must lie in [0, max_len={max_len}); got range "
-                f"[{positions.min().item()}, {positions.max().item()}]; crop the input"
-            )
-        return positions.long()
 
     def _check(self, z: Tensor, t: Tensor, o: Tensor, cache: PretrainedCache | None) -> None:
         d = self.config.d_embed
@@ -567,8 +444,12 @@ class PretrainedBackbone(LatentTable, nn.Module):
         o: Tensor,
         positions: Tensor | None,
         cache: PretrainedCache | None,
-    ) -> tuple[Tensor, list[tuple[Tensor, Tensor]], Tensor]:
-        """Final features ``[B, L, d_model]``, each layer's ``(k, v)`` and the committed ids."""
+        estimate: None = None,
+    ) -> Trunk:
+        """Final features ``[B, L, d_model]``, each layer's ``(k, v)`` and the tokens' ids.
+
+        ``estimate`` is always ``None``: this backbone has no self-conditioning input.
+        """
         self._check(z, t, o, cache)
         b, n = t.shape
         past = 0 if cache is None else cache.length
@@ -597,7 +478,7 @@ class PretrainedBackbone(LatentTable, nn.Module):
             out = layer(x, attention_mask=None, flow_pass=flow_pass, **extra)
             x = out[0] if isinstance(out, tuple) else out
         norm = base.ln_f if self._learned_positions else base.norm
-        return norm(x), flow_pass.new_kv, ids  # type: ignore[return-value]
+        return norm(x), flow_pass.new_kv, {"ids": ids}  # type: ignore[return-value]
 
 
 def _check_causal(tf: Any, config: Any, path: Path) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Protocol, TypeVar, runtime_checkable
 import torch
 from torch import Tensor, nn
 
-from flowtext.nn.transformer import FlowOutput
+from flowtext.nn.backbone import FlowOutput
 
 if TYPE_CHECKING:
     from typing_extensions import Self
