@@ -83,6 +83,14 @@ def qkv(gen, b, h, lq, lk, d, dtype):
     return [x.requires_grad_() for x in (q, k, v)]
 
 
+def one_row_two_stream(seed, length, block, heads):
+    """``t, o`` of a one-row two-stream layout and float32 ``q, k, v`` ``[1, heads, 2L, 32]``."""
+    gen = torch.Generator().manual_seed(seed)
+    t, o = two_stream(gen, 1, length, block)
+    q, k, v = (x.detach() for x in qkv(gen, 1, heads, 2 * length, 2 * length, 32, torch.float32))
+    return t.to(DEVICE), o.to(DEVICE), q, k, v
+
+
 # ---------------------------------------------------------------------------------------------
 # The comparison of T9
 # ---------------------------------------------------------------------------------------------
@@ -124,10 +132,14 @@ N_EXAMPLES = 10 if ON_GPU else 20
 settings_t9 = settings(max_examples=N_EXAMPLES, deadline=None)
 
 
-@settings_t9
-@given(
-    seed=st.integers(0, 2**16),
-    b=st.integers(1, 2),
+def t9_given(**strategies):
+    """``settings_t9`` and ``given``: a seed and a batch size ``b``, then ``strategies``."""
+    return lambda test: settings_t9(
+        given(seed=st.integers(0, 2**16), b=st.integers(1, 2), **strategies)(test)
+    )
+
+
+@t9_given(
     h=st.integers(1, 2),
     lk=st.integers(1, 40),
     lq_frac=st.floats(0.0, 1.0),
@@ -151,10 +163,7 @@ def test_t9_single_stream_matches_reference(
     check_against_reference(q, k, v, t, o, lq, tiles)
 
 
-@settings_t9
-@given(
-    seed=st.integers(0, 2**16),
-    b=st.integers(1, 2),
+@t9_given(
     length=st.integers(1, 20),
     block=st.integers(1, 20),
     d=st.sampled_from([32, 64]),
@@ -218,10 +227,7 @@ def test_noncontiguous_inputs():
 
 
 def test_dispatch_backend_triton():
-    gen = torch.Generator().manual_seed(4)
-    t, o = two_stream(gen, 1, 12, 4)
-    t, o = t.to(DEVICE), o.to(DEVICE)
-    q, k, v = (x.detach() for x in qkv(gen, 1, 2, 24, 24, 32, torch.float32))
+    t, o, q, k, v = one_row_two_stream(4, length=12, block=4, heads=2)
     via_dispatch = attention(q, k, v, t, o, t, o, backend="triton")
     direct = K.visibility_attention(q, k, v, t, o, t, o, single_config=True)
     torch.testing.assert_close(via_dispatch, direct)
@@ -487,10 +493,7 @@ def test_fast_path_and_partial_path_match_reference(name):
 
 def test_summaries_are_reusable_and_checked():
     """One TileSummaries serves several calls (layers); a mismatched or stale one is refused."""
-    gen = torch.Generator().manual_seed(12)
-    t, o = two_stream(gen, 1, 8, 4)
-    t, o = t.to(DEVICE), o.to(DEVICE)
-    q, k, v = (x.detach() for x in qkv(gen, 1, 1, 16, 16, 32, torch.float32))
+    t, o, q, k, v = one_row_two_stream(12, length=8, block=4, heads=1)
     summaries = K.tile_summaries(t, o, t, o)
     for x in (q, 2 * q):  # two "layers" with the same token vectors
         fresh = K.visibility_attention(x, k, v, t, o, t, o, single_config=True)
