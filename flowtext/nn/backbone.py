@@ -179,27 +179,7 @@ class FlowBackbone(LatentTable, nn.Module, Generic[CacheT]):
             ShapeError: Wrong shapes or dtypes, or positions beyond ``max_len``.
             TimeRangeError: Commit orders above ``LIVE`` or not after the cached ones.
         """
-        zc, oc, pc = committed
-        self._check_commit_orders(cache, oc)
-        if not isinstance(t, Tensor) or t.ndim != 2:
-            raise ShapeError(f"t must be [B, m], got {_describe(t)}")
-        n = zc.shape[1]
-        pc = pc.expand(oc.shape) if pc.ndim == 1 else pc
-        positions = positions.expand(t.shape) if positions.ndim == 1 else positions
-        t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
-        h, kv, fields = self._trunk(
-            torch.cat([zc, z], 1),
-            t_all,
-            torch.cat([oc, o], 1),
-            torch.cat([pc, positions], 1),
-            cache,
-        )
-        # shapes, times and positions of both parts were checked on the concatenation
-        kv_c = [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
-        cache = cache._extended(kv_c, oc, pc, **{k: x[:, :n] for k, x in fields.items()})
-        out = self._heads(h[:, n:], z, t)
-        if readout is not None:
-            out.next_logits = self._next_logits(h[:, :n], readout)
+        out, cache = self._fused_pass(cache, committed, (z, t, o, positions), readout)
         if self._self_conditioned and bool((t > 0).any()):
             nxt, estimate = out.next_logits, self.x0_hat(out.logits.detach())
             out = self.forward(z, t, o, positions, cache, self_cond=estimate)
@@ -306,6 +286,41 @@ class FlowBackbone(LatentTable, nn.Module, Generic[CacheT]):
         with torch.no_grad():
             h = self._trunk(z, t, o, positions, cache)[0]
             return self.x0_hat(self._heads(h, z, t).logits)
+
+    def _fused_pass(
+        self,
+        cache: CacheT,
+        committed: tuple[Tensor, Tensor, Tensor],
+        queries: tuple[Tensor, Tensor, Tensor, Tensor],
+        readout: Tensor | None,
+    ) -> tuple[FlowOutput, CacheT]:
+        """The one trunk pass of :meth:`commit_forward` (a zero self-conditioning estimate).
+
+        ``committed = (z_c, o_c, positions_c)`` and ``queries = (z, t, o, positions)`` as there.
+        """
+        zc, oc, pc = committed
+        z, t, o, positions = queries
+        self._check_commit_orders(cache, oc)
+        if not isinstance(t, Tensor) or t.ndim != 2:
+            raise ShapeError(f"t must be [B, m], got {_describe(t)}")
+        n = zc.shape[1]
+        pc = pc.expand(oc.shape) if pc.ndim == 1 else pc
+        positions = positions.expand(t.shape) if positions.ndim == 1 else positions
+        t_all = torch.cat([torch.zeros(oc.shape, dtype=t.dtype, device=t.device), t], 1)
+        h, kv, fields = self._trunk(
+            torch.cat([zc, z], 1),
+            t_all,
+            torch.cat([oc, o], 1),
+            torch.cat([pc, positions], 1),
+            cache,
+        )
+        # shapes, times and positions of both parts were checked on the concatenation
+        kv_c = [(k[:, :, :n], v[:, :, :n]) for k, v in kv]
+        cache = cache._extended(kv_c, oc, pc, **{k: x[:, :n] for k, x in fields.items()})
+        out = self._heads(h[:, n:], z, t)
+        if readout is not None:
+            out.next_logits = self._next_logits(h[:, :n], readout)
+        return out, cache
 
     def _next_logits(self, h: Tensor, readout: Tensor) -> Tensor:
         """Logits ``[B, V]`` of token ``readout [B]`` (``-1``: the first) of each row of ``h``."""
