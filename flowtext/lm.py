@@ -200,6 +200,7 @@ class FlowLM(L.LightningModule):
         ar: bool = False,
         difficulty: bool = False,
         cover: bool | None = None,
+        draws: int = 1,
     ) -> LossTerms:
         """One unbiased Monte Carlo estimate of the ELBO of a static policy, per token.
 
@@ -226,6 +227,10 @@ class FlowLM(L.LightningModule):
                 has fewer rows (times blocks) than steps (``cover`` of the estimators): a
                 reported estimate then holds every term of the bound. ``None``: when the model
                 is not training (validation and experiments; training keeps one draw per row).
+            draws: Independent noise and step draws per sequence (the regime's
+                ``noise_draws`` in training): ``nats`` and the side outputs are
+                ``[draws * B, L]`` as on ``draws`` copies of the batch, while ``ar_nats`` stays
+                ``[B, L]``, computed once per sequence (see the estimators' ``draws``).
 
         Returns:
             :class:`~flowtext.objectives.LossTerms`; ``nats`` ``[B, L]`` sums over tokens to an
@@ -261,6 +266,7 @@ class FlowLM(L.LightningModule):
                 ar=ar,
                 difficulty=difficulty,
                 cover=cover,
+                draws=draws,
             )
         grid = with_t_min(
             policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
@@ -275,6 +281,7 @@ class FlowLM(L.LightningModule):
             reverse=self.regime.reverse,
             ar=ar,
             cover=cover,
+            draws=draws,
         )
 
     def training_loss(
@@ -299,11 +306,12 @@ class FlowLM(L.LightningModule):
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """The training loss of one batch on a given bound, as the regime weighs it.
 
-        The bound is estimated with :meth:`policy_bound` (on ``noise_draws`` copies of the batch
-        unless it is the AR bound) and weighted by :meth:`TrainingRegime.weight`; with
-        ``ar_weight > 0`` the exact AR bound of the same batch is added, whatever was drawn
-        (``train/ar_bpt`` is logged whenever the AR bound is known). With ``normalize`` each
-        term trains as the log of its value. Noise and times come from the model's generator.
+        The bound is estimated with :meth:`policy_bound` (with ``noise_draws`` draws per
+        sequence unless it is the AR bound, the exact AR term computed once) and weighted by
+        :meth:`TrainingRegime.weight`; with ``ar_weight > 0`` the exact AR bound of the same
+        batch is added, whatever was drawn (``train/ar_bpt`` is logged whenever the AR bound is
+        known). With ``normalize`` each term trains as the log of its value. Noise and times come
+        from the model's generator.
 
         Args:
             tokens: ``[B, L]``.
@@ -315,13 +323,13 @@ class FlowLM(L.LightningModule):
         """
         regime = self.regime
         is_ar = _is_ar(bound, tokens.shape[1])
-        rows = tokens if is_ar else tokens.repeat(regime.noise_draws, 1)
         terms = self.policy_bound(
-            rows,
+            tokens,
             bound.policy,
             bound.steps,
             ar=regime.ar_weight > 0,
             difficulty=regime.difficulty_weight > 0,
+            draws=1 if is_ar else regime.noise_draws,
         )
         self.feed_schedule(terms)
         elbo = terms.nats.mean()

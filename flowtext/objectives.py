@@ -82,12 +82,15 @@ class LossTerms:
 
     Attributes:
         nats: Unbiased per-token estimate of the token's ELBO contribution, ``[B, L]``; its sum
-            over tokens estimates ``-log p(x)`` (upper bound) in nats.
+            over tokens estimates ``-log p(x)`` (upper bound) in nats. An estimator asked for
+            ``draws > 1`` returns ``[draws * B, L]`` (copy-major: draw ``c`` of row ``r`` is
+            row ``c * B + r``), as are ``ce``, ``scored``, ``t`` and ``difficulty``.
         ce: Cross-entropy of committing each scored token at the evaluated state (detached),
             ``[B, L]``: the target of the progression-time (difficulty) head.
         scored: Which tokens were evaluated at a non-committed state, ``[B, L]`` bool.
-        ar_nats: The exact AR bound of the batch per token ``[B, L]`` (prior included), when
-            the estimator was asked for it (``ar=True``), else ``None``.
+        ar_nats: The exact AR bound of the batch per token ``[B, L]`` (prior included; one
+            row per sequence, whatever the draws), when the estimator was asked for it
+            (``ar=True``), else ``None``.
         t: The time of each token's evaluated state ``[B, L]`` (what a fitted schedule pairs
             with ``ce``), or ``None`` (the one-stream AR estimator).
     """
@@ -193,6 +196,30 @@ def covering_copies(draws: int, n_steps: int) -> int:
     return max(1, -(-n_steps // max(1, draws)))
 
 
+def _copied(tokens: Tensor, draws: int, per_copy: int, n_steps: int, cover: bool) -> Tensor:
+    """The rows an estimator evaluates: ``draws`` copies of the batch, then covering copies.
+
+    Args:
+        tokens: ``[B, L]``.
+        draws: Independent draws kept per row (``>= 1``).
+        per_copy: Step draws per row of the drawn batch (1, or the number of blocks).
+        n_steps: Steps of the grid (of a block).
+        cover: Add :func:`covering_copies` of the ``draws * B`` rows (folded back later).
+
+    Returns:
+        ``[copies * draws * B, L]``, copy-major.
+
+    Raises:
+        ConfigError: ``draws < 1``.
+    """
+    if not isinstance(draws, int) or draws < 1:
+        raise ConfigError(f"draws must be a positive integer, got {draws!r}")
+    drawn = tokens.repeat(draws, 1) if draws > 1 else tokens
+    if not cover:
+        return drawn
+    return drawn.repeat(covering_copies(drawn.shape[0] * per_copy, n_steps), 1)
+
+
 def _draw_steps(
     n: int, n_steps: int, sampling: str, generator: torch.Generator | None, cover: bool
 ) -> Tensor:
@@ -210,29 +237,29 @@ def _draw_steps(
     return torch.cat([every, extra])[torch.randperm(n, generator=generator)] + 1
 
 
-def _fold_copies(terms: LossTerms, rows: int) -> LossTerms:
+def _fold_copies(terms: LossTerms, rows: int, sequences: int | None = None) -> LossTerms:
     """An estimate over stacked copies of a ``rows``-row batch, averaged back to ``rows`` rows.
 
-    ``nats`` and ``ar_nats`` are the copies' means (each copy is unbiased, so is the mean);
-    ``ce``, ``t``, ``scored`` and ``difficulty`` are the first copy's (one evaluated state per
-    token, as without copies).
+    ``nats`` is the copies' mean (each copy is unbiased, so is the mean); ``ce``, ``t``,
+    ``scored`` and ``difficulty`` are the first copy's (one evaluated state per token, as
+    without copies). ``ar_nats`` is averaged to ``sequences`` rows (default ``rows``): the
+    batch's own sequences, of which ``rows`` may hold several draws.
     """
     copies = terms.nats.shape[0] // rows
+    ar = terms.ar_nats
+    sequences = rows if sequences is None else sequences
+    if ar is not None and ar.shape[0] != sequences:  # copies of the sequences, in order
+        ar = ar.reshape(-1, sequences, *ar.shape[1:]).mean(0)
     if copies == 1:
+        terms.ar_nats = ar
         return terms
-
-    def mean(v: Tensor | None) -> Tensor | None:  # a term computed on one copy stays as it is
-        if v is None or v.shape[0] == rows:
-            return v
-        return v.reshape(copies, rows, *v.shape[1:]).mean(0)
-
     has_difficulty = terms._difficulty is not None
     return LossTerms(
         nats=terms.nats.reshape(copies, rows, -1).mean(0),
         ce=terms.ce[:rows],
         difficulty=(lambda: terms.difficulty[:rows]) if has_difficulty else None,
         scored=terms.scored[:rows],
-        ar_nats=mean(terms.ar_nats),
+        ar_nats=ar,
         t=None if terms.t is None else terms.t[:rows],
     )
 
@@ -577,6 +604,7 @@ def single_stream_loss(
     reverse: str = "gaussian",
     ar: bool = False,
     cover: bool = False,
+    draws: int = 1,
 ) -> LossTerms:
     """One-pass unbiased estimator of :func:`discrete_elbo` for any static grid.
 
@@ -599,16 +627,20 @@ def single_stream_loss(
         cover: Evaluate :func:`covering_copies` copies of the batch with a balanced draw that
             gives every step at least one row (each row's step still uniform), and average the
             copies per row (evaluation; costs ``ceil(K / B)`` rows per row).
+        draws: Independent noise and step draws per sequence, all returned (``nats`` and the
+            side outputs ``[draws * B, L]``, one stratified draw over the ``draws * B`` rows):
+            what repeating the batch ``draws`` times gives, but the AR bound (which reads no
+            noise) is computed once per sequence.
 
     Returns:
         :class:`LossTerms` (``nats`` includes the prior term).
     """
     _check_tokens(tokens)
     bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
-    rows = tokens.shape[0]
     n_steps = grid.shape[0] - 1
-    if cover:
-        tokens = tokens.repeat(covering_copies(rows, n_steps), 1)
+    sequences = tokens
+    tokens = _copied(sequences, draws, 1, n_steps, cover)
+    seqs, rows = sequences.shape[0], sequences.shape[0] * draws
     b = tokens.shape[0]
     grid = grid.to(device=tokens.device)
     x_emb = net.embed(tokens)
@@ -630,10 +662,10 @@ def single_stream_loss(
         ce=ce.detach(),
         difficulty=lambda: out.difficulty,
         scored=t_prev > 0,
-        ar_nats=autoregressive_loss(net, tokens[:rows], schedule).nats if ar else None,
+        ar_nats=autoregressive_loss(net, sequences, schedule).nats if ar else None,
         t=t_prev,
     )
-    return _fold_copies(terms, rows)
+    return _fold_copies(terms, rows, seqs)
 
 
 def two_stream_loss(
@@ -650,6 +682,7 @@ def two_stream_loss(
     ar: bool = False,
     difficulty: bool = True,
     cover: bool = False,
+    draws: int = 1,
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
@@ -680,6 +713,12 @@ def two_stream_loss(
             average the copies per row: with fewer blocks in the batch than ``m`` (e.g. 8 rows,
             one block, 64 steps) a one-draw estimate misses the sub-step that carries most of
             the bound in most draws (the commit under a steep fitted warp). For evaluation.
+        draws: Independent noise and sub-step draws per sequence, all returned (``nats`` and
+            the side outputs ``[draws * B, L]``): what repeating the batch ``draws`` times
+            gives, but with one block the extra causal stream of the AR bound is computed once
+            per sequence (with several blocks it is read from each copy's clean stream, which
+            the noisy stream needs anyway, and averaged). The AR bound itself reads no noise:
+            with ``block_size = steps_per_block = 1`` and no ``difficulty`` it is one draw.
 
     Returns:
         :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
@@ -692,10 +731,9 @@ def two_stream_loss(
         )
     if block_size == 1 and steps_per_block == 1 and not difficulty:
         return autoregressive_loss(net, tokens, schedule)
-    rows, length = tokens.shape
-    m = steps_per_block
-    if cover:
-        tokens = tokens.repeat(covering_copies(rows * -(-length // block_size), m), 1)
+    sequences, (seqs, length) = tokens, tokens.shape
+    m, rows = steps_per_block, seqs * draws
+    tokens = _copied(sequences, draws, -(-length // block_size), m, cover)
     b, dev = tokens.shape[0], tokens.device
     x_emb = net.embed(tokens)
     # times of one block: tau_0 = 1 > tau_1 > ... > tau_{m-1} = t_min > tau_m = 0
@@ -714,7 +752,7 @@ def two_stream_loss(
         own, noisy = out.logits, slice(None)
         logits = own
         if ar:
-            ar_nats = autoregressive_loss(net, tokens[:rows], schedule).nats
+            ar_nats = autoregressive_loss(net, sequences, schedule).nats
     else:
         t2, o2 = two_stream_layout(block_ids, t_prev)
         pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
@@ -737,7 +775,7 @@ def two_stream_loss(
         ar_nats=ar_nats,
         t=t_prev,
     )
-    return _fold_copies(terms, rows)
+    return _fold_copies(terms, rows, seqs)
 
 
 def continuous_elbo(

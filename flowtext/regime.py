@@ -104,9 +104,12 @@ class TrainingRegime:
     divide it by its own detached value: a 6-nat diffusion bound and a 2-nat AR bound then pull
     with the same relative strength. Changes the gradient only, never a reported bound."""
     noise_draws: int = 1
-    """Noise and time draws per sequence for drawn bounds other than AR: the batch is repeated
-    this many times, each copy with its own noise and (stratified) steps, and the bound is their
-    mean (less gradient noise, ``noise_draws`` times the cost of those batches)."""
+    """Noise and time draws per sequence for drawn bounds other than AR: the bound is estimated
+    on this many copies of the batch, each with its own noise and (stratified) steps, and is
+    their mean (less gradient noise, ``noise_draws`` times the drawn bound's cost). What reads
+    no noise is computed once per sequence: the exact AR term's extra causal stream
+    (single-stream and one-block bounds; with several blocks each copy's clean stream, which its
+    noisy stream needs, also gives the AR term). The AR bound itself is never repeated."""
     reverse: Literal["gaussian", "mixture"] = "gaussian"
     """Reverse step of the bounds (training and validation): gaussian = the Gaussian-mean step
     q(z_s | z_t, x_hat) (theory §4), mixture = sum_v p(v | z_t) q(z_s | z_t, e_v) (theory §4b)."""

@@ -188,6 +188,47 @@ def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
     torch.testing.assert_close(ar_elbo, exact, rtol=1e-10, atol=1e-10)
 
 
+@pytest.mark.parametrize("label", ["block0", "block4", "diagonal"])
+def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(label, monkeypatch):
+    """``noise_draws`` gives what repeating the batch gave (loss, bounds, gradient), but the
+    extra causal stream of the AR term (single-stream and one-block bounds) runs on the ``B``
+    sequences, not on ``noise_draws * B`` rows."""
+    import flowtext.objectives as objectives
+
+    tokens = torch.randint(0, 13, (3, 12), generator=torch.Generator().manual_seed(1))
+    bound = next(
+        b for s in range(100)
+        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
+    )  # fmt: skip
+    model = _evo(noise_draws=3, difficulty_weight=0.5, ar_weight=0.7)
+    ar_rows: list[int] = []
+    plain_ar = objectives.autoregressive_loss
+
+    def counted(net, toks, schedule):
+        ar_rows.append(toks.shape[0])
+        return plain_ar(net, toks, schedule)
+
+    monkeypatch.setattr(objectives, "autoregressive_loss", counted)
+    model._gen.manual_seed(5)
+    old = model.policy_bound(
+        tokens.repeat(3, 1), bound.policy, bound.steps, ar=True, difficulty=True
+    )
+    old_loss = old.nats.mean() + 0.7 * old.ar_nats.mean() + 0.5 * old.difficulty_loss()
+    (old_grad,) = torch.autograd.grad(old_loss, model.net.readout.weight)
+    old_rows, ar_rows[:] = list(ar_rows), []
+    model._gen.manual_seed(5)
+    loss, logs = model.bound_loss(tokens, bound)
+    (grad,) = torch.autograd.grad(loss, model.net.readout.weight)
+    torch.testing.assert_close(loss, old_loss, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(grad, old_grad, rtol=1e-8, atol=1e-12)
+    torch.testing.assert_close(logs["train/elbo_bpt"] * math.log(2), old.nats.mean())
+    torch.testing.assert_close(logs["train/ar_bpt"] * math.log(2), old.ar_nats.mean())
+    if label != "block4":  # one block or one stream: the AR term's own causal stream
+        assert old_rows == [9] and ar_rows == [3]
+    else:  # several blocks: read from the clean stream the noisy one needs (no extra stream)
+        assert old_rows == ar_rows == []
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
