@@ -33,6 +33,7 @@ from flowtext import policies as _policies
 from flowtext import schedules as _schedules
 from flowtext.errors import ConfigError, NonFiniteError
 from flowtext.nn import FlowNetwork, FlowTransformer, FlowTransformerConfig
+from flowtext.nn.latents import prior_from_counts
 from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
 from flowtext.regime import DrawnBound, TrainingRegime, block_bound
 from flowtext.schedules import InfoUniform
@@ -68,6 +69,11 @@ class FlowLM(L.LightningModule):
             is a function of the seed and the batch's position alone (see
             :meth:`batch_generators`), so a resumed or distributed run draws what an
             uninterrupted single-process run draws.
+        prior_init: Start of the output prior (``net.output_prior``; ignored without it):
+            ``unigram``: a fit from scratch sets ``prior_logits`` to the log of the training
+            split's add-one-smoothed unigram frequencies (the data module's
+            ``token_counts``, on a bounded sample; see :meth:`init_output_prior`);
+            ``uniform``: zeros. A resumed fit keeps the checkpoint's values either way.
     """
 
     def __init__(
@@ -84,6 +90,7 @@ class FlowLM(L.LightningModule):
         warmup_steps: int = 100,
         max_lr_steps: int = 0,
         seed: int = 0,
+        prior_init: str = "unigram",
     ) -> None:
         super().__init__()
         if isinstance(net, dict):  # from a checkpoint's hyper-parameters
@@ -107,6 +114,11 @@ class FlowLM(L.LightningModule):
         self.warmup_steps = warmup_steps
         self.max_lr_steps = max_lr_steps
         self.seed = int(seed)
+        if prior_init not in PRIOR_INITS:
+            raise ConfigError(
+                f"prior_init must be one of {', '.join(PRIOR_INITS)}, got {prior_init!r}"
+            )
+        self.prior_init = prior_init
         self._gen = torch.Generator().manual_seed(self.seed)
         self._schedule_feeds = 0
 
@@ -121,6 +133,33 @@ class FlowLM(L.LightningModule):
                 f"the tokenizer has {vocab} ids but the model's vocab_size is "
                 f"{self.net.config.vocab_size}; set net.vocab_size (the CLI links it)"
             )
+        if stage == "fit":
+            self.init_output_prior(dm)
+
+    def init_output_prior(self, datamodule: Any) -> bool:
+        """Start the output prior from the data's unigram law (``prior_init="unigram"``).
+
+        Sets ``prior_logits`` from ``datamodule.token_counts()`` (see
+        :func:`~flowtext.nn.latents.prior_from_counts`) when the prior is on
+        and still at its zero initialization: a model whose prior was trained (weights loaded
+        from a checkpoint) keeps it. :meth:`setup` calls it at the start of every fit; on a
+        resume Lightning restores the checkpoint's weights after ``setup``, so the trained
+        values win there too.
+
+        Args:
+            datamodule: The fit's data module (``None``, or one without ``token_counts``:
+                nothing to count, the prior stays uniform).
+
+        Returns:
+            Whether the prior was set.
+        """
+        logits = getattr(self.net, "prior_logits", None)
+        counts = getattr(datamodule, "token_counts", None)
+        if self.prior_init != "unigram" or logits is None or counts is None:
+            return False
+        if bool(logits.detach().any()):  # not the zero initialization: trained, keep it
+            return False
+        return prior_from_counts(self.net, counts())
 
     def _checked_datamodule(self, context: str, fix: str) -> Any:
         """The trainer's data module (``None`` outside a fit), its ``seq_len`` checked.
@@ -517,6 +556,9 @@ class FlowLM(L.LightningModule):
 
 VAL_POLICIES = ("ar", "block", "sync")
 """Names a ``val_policies`` list may hold."""
+
+PRIOR_INITS = ("unigram", "uniform")
+"""Values of ``prior_init``: where the output prior starts in a fit from scratch."""
 
 
 def _check_val_policies(names) -> tuple[str, ...] | None:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 
 from flowtext import policies, schedules
-from flowtext.errors import ConfigError
+from flowtext.errors import ConfigError, ShapeError
 from flowtext.nn import FlowTransformer, FlowTransformerConfig
 from flowtext.nn.latents import PRIOR_MAX_LOG_SNR, bind_prior_schedule
 from flowtext.objectives import (
@@ -309,3 +309,124 @@ def test_a_flow_lm_with_the_output_prior_trains_validates_and_decodes():
     res = model.generate(batch_size=2, length=6, policy="block", policy_kwargs={"size": 3}, steps=4,
                          solver="ancestral-mixture")  # fmt: skip
     assert all(len(row) == 6 for row in res.tokens)
+
+
+# ----------------------------------------------------------- the prior from the data's counts
+
+
+def _skewed_corpus(tmp_path, **kwargs):
+    """A byte-tokenized data module over a text whose letters have very unequal frequencies."""
+    import random
+
+    from flowtext.data import FlowTextDataModule
+
+    rng = random.Random(0)
+    path = tmp_path / "skewed.txt"
+    path.write_text("".join(rng.choice("aaaaaaaabbbbcc d\n") for _ in range(4000)))
+    return FlowTextDataModule(str(path), seq_len=12, batch_size=4, train_samples_per_epoch=16,
+                              cache_dir=str(tmp_path / "cache"), **kwargs)  # fmt: skip
+
+
+def _train_split_counts(dm):
+    import numpy as np
+
+    from flowtext.data import open_tokens
+
+    ids = np.asarray(open_tokens(dm._prepare("train"))[0], dtype=np.int64)
+    return torch.from_numpy(np.bincount(ids, minlength=dm.vocab_size))
+
+
+def test_token_counts_read_the_training_split_or_a_bounded_spread_of_it(tmp_path):
+    from flowtext.data import FlowTextDataModule
+
+    dm = _skewed_corpus(tmp_path)
+    dm.prepare_data()
+    full = _train_split_counts(dm)
+    assert torch.equal(dm.token_counts(), full)  # a small split is read whole
+    part = dm.token_counts(max_tokens=640)  # 64 runs of 10 tokens
+    assert int(part.sum()) == 640 and bool((part <= full).all())
+    assert int(part.argmax()) == int(full.argmax())
+    task = FlowTextDataModule("addition", seq_len=16, train_samples_per_epoch=5)
+    assert int(task.token_counts(max_tokens=10_000).sum()) == 5 * 16  # at most an epoch
+    assert int(task.token_counts(max_tokens=40).sum()) == 2 * 16
+    with pytest.raises(ConfigError, match="max_tokens"):
+        dm.token_counts(max_tokens=0)
+
+
+class _PriorAtStart(__import__("lightning").Callback):
+    """Records ``prior_logits`` when training starts (after setup and any restore)."""
+
+    def on_train_start(self, trainer, pl_module):
+        logits = getattr(pl_module.net, "prior_logits", None)
+        self.seen = None if logits is None else logits.detach().clone()
+
+
+def _fit(model, dm, steps, ckpt_path=None):
+    import lightning as L
+
+    start = _PriorAtStart()
+    trainer = L.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False,
+                        enable_model_summary=False, limit_val_batches=0,
+                        num_sanity_val_steps=0, callbacks=[start])  # fmt: skip
+    trainer.fit(model, dm, ckpt_path=ckpt_path)
+    return trainer, start.seen
+
+
+def _prior_lm(**kwargs):
+    from functools import partial
+
+    from flowtext.lm import FlowLM
+
+    torch.manual_seed(0)
+    net = FlowTransformerConfig(**tiny(vocab_size=259, output_prior=kwargs.pop("prior", True)))
+    return FlowLM(net=net, optimizer=partial(torch.optim.AdamW, lr=0.05), warmup_steps=0,
+                  **kwargs)  # fmt: skip
+
+
+def test_a_fit_from_scratch_starts_the_prior_at_the_smoothed_log_unigram_law(tmp_path):
+    dm = _skewed_corpus(tmp_path)
+    model = _prior_lm()
+    _, seen = _fit(model, dm, 1)
+    counts = _train_split_counts(dm).double()
+    want = torch.log((counts + 1) / (counts.sum() + 259))
+    torch.testing.assert_close(seen.double(), want, rtol=0, atol=1e-6)
+    # a law already: log pi is the smoothed frequencies, the commonest byte the likeliest
+    torch.testing.assert_close(torch.log_softmax(seen.double(), 0), want, rtol=0, atol=1e-6)
+    assert int(seen.argmax()) == int(counts.argmax())
+
+
+def test_a_resumed_or_reloaded_fit_keeps_the_trained_prior(tmp_path):
+    from flowtext.lm import FlowLM
+
+    dm = _skewed_corpus(tmp_path)
+    trainer, init = _fit(_prior_lm(), dm, 3)
+    ckpt = tmp_path / "three.ckpt"
+    trainer.save_checkpoint(ckpt)
+    trained = torch.load(ckpt, weights_only=False)["state_dict"]["net.prior_logits"]
+    assert not torch.allclose(trained, init)  # three steps moved it off the data's law
+    _, resumed = _fit(_prior_lm(), _skewed_corpus(tmp_path), 4, ckpt_path=str(ckpt))
+    torch.testing.assert_close(resumed, trained, rtol=0, atol=0)
+    reloaded = FlowLM.load_from_checkpoint(ckpt)  # weights loaded, then a fresh fit
+    _, tuned = _fit(reloaded, _skewed_corpus(tmp_path), 1)
+    torch.testing.assert_close(tuned, trained, rtol=0, atol=0)
+
+
+def test_the_prior_off_or_uniform_is_left_alone(tmp_path, monkeypatch):
+    from flowtext.data import FlowTextDataModule
+
+    def never(self, *args, **kwargs):
+        raise AssertionError("token_counts read without a prior to start")
+
+    _, uniform = _fit(_prior_lm(prior_init="uniform"), _skewed_corpus(tmp_path), 1)
+    assert not bool(uniform.any())
+    monkeypatch.setattr(FlowTextDataModule, "token_counts", never)
+    model = _prior_lm(prior=False)
+    _, seen = _fit(model, _skewed_corpus(tmp_path), 1)
+    assert seen is None and not any("prior" in k for k in model.state_dict())
+    with pytest.raises(ConfigError, match="prior_init"):
+        _prior_lm(prior_init="zipf")
+    with pytest.raises(ConfigError, match="output prior is off"):
+        model.net.init_prior_from_counts(torch.ones(259))
+    with pytest.raises(ShapeError, match="vocab_size=259"):
+        _prior_lm().net.init_prior_from_counts(torch.ones(258))

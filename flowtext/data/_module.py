@@ -5,6 +5,8 @@ from __future__ import annotations
 from typing import Any
 
 import lightning as L
+import numpy as np
+import torch
 from torch.utils.data import DataLoader
 
 from flowtext.data import _hf
@@ -30,6 +32,22 @@ from flowtext.errors import ConfigError, DataError
 __all__ = ["TOKENIZERS", "FlowTextDataModule"]
 
 TOKENIZERS = ("byte", "char", "bpe")
+
+COUNT_TOKENS = 1 << 20
+"""Default cap on the tokens :meth:`FlowTextDataModule.token_counts` reads."""
+
+COUNT_CHUNKS = 64
+"""Evenly spaced runs :meth:`FlowTextDataModule.token_counts` reads from a larger split."""
+
+
+def _spread_sample(tokens: np.ndarray, max_tokens: int) -> np.ndarray:
+    """All of ``tokens``, or :data:`COUNT_CHUNKS` evenly spaced runs totalling ``<= max_tokens``."""
+    n = len(tokens)
+    if n <= max_tokens:
+        return np.asarray(tokens)
+    size = max(1, max_tokens // COUNT_CHUNKS)
+    starts = np.linspace(0, n - size, min(COUNT_CHUNKS, max_tokens)).round().astype(np.int64)
+    return np.concatenate([np.asarray(tokens[s : s + size]) for s in starts])
 
 
 class FlowTextDataModule(L.LightningDataModule):
@@ -262,6 +280,35 @@ class FlowTextDataModule(L.LightningDataModule):
     def test_dataloader(self) -> DataLoader:
         """Fixed test windows (or task examples), in order."""
         return self._loader("test")
+
+    def token_counts(self, max_tokens: int = COUNT_TOKENS) -> torch.Tensor:
+        """How often each token id occurs in the training split (on a bounded sample).
+
+        A text corpus counts its whole prepared training split when it holds at most
+        ``max_tokens`` tokens, else :data:`COUNT_CHUNKS` evenly spaced runs of
+        ``max_tokens // COUNT_CHUNKS`` tokens; a task counts its first
+        ``max(1, max_tokens // seq_len)`` training examples (at most an epoch), padding
+        included: the tokens the model trains on. Deterministic, and cheap next to a fit.
+
+        Args:
+            max_tokens: Cap on the tokens read (``>= 1``).
+
+        Returns:
+            ``[vocab_size]`` int64 counts, summing to the tokens read.
+
+        Raises:
+            ConfigError: ``max_tokens < 1``.
+            DataError: The training split is empty (fraction 0) or shorter than one window.
+        """
+        if not isinstance(max_tokens, int) or max_tokens < 1:
+            raise ConfigError(f"max_tokens must be a positive int, got {max_tokens!r}")
+        ds = self._get("train")
+        if isinstance(ds, TaskDataset):
+            n = min(len(ds), max(1, max_tokens // self.seq_len))
+            ids = torch.cat([ds[i]["tokens"] for i in range(n)])
+        else:
+            ids = torch.from_numpy(_spread_sample(ds.tokens, max_tokens).astype(np.int64))
+        return torch.bincount(ids, minlength=self.vocab_size)
 
     def state_dict(self) -> dict[str, Any]:
         """What a checkpoint stores: the tokenizer state."""

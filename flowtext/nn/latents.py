@@ -7,6 +7,8 @@ its rows at a fixed norm ``sqrt(d_embed)`` (unit RMS), so they cannot collapse.
 With ``config.output_prior`` a backbone also keeps ``prior_logits [V]`` (a learned unigram law
 ``pi = softmax(prior_logits)``) and adds to its readout the exact Bayes posterior logits of each
 token under that law (docs/theory.md §3f): the network learns a residual over the posterior.
+The prior starts uniform; :meth:`LatentTable.init_prior_from_counts` starts it at the data's
+unigram law (what a :class:`~flowtext.lm.FlowLM` fit from scratch does).
 """
 
 from __future__ import annotations
@@ -21,7 +23,7 @@ from torch import Tensor, nn
 from flowtext.errors import ConfigError, DataError, ShapeError
 from flowtext.schedules import NoiseSchedule
 
-__all__ = ["PRIOR_MAX_LOG_SNR", "LatentTable", "bind_prior_schedule"]
+__all__ = ["PRIOR_MAX_LOG_SNR", "LatentTable", "bind_prior_schedule", "prior_from_counts"]
 
 PRIOR_MAX_LOG_SNR = 10.0
 """Cap on the log-SNR at which the output prior reads a state (its coefficient is finite at
@@ -36,6 +38,25 @@ def bind_prior_schedule(net: Any, schedule: NoiseSchedule) -> None:
     """
     if isinstance(net, LatentTable):
         net.prior_schedule = schedule
+
+
+def prior_from_counts(net: Any, counts: Tensor) -> bool:
+    """Start ``net``'s output prior at the counts' smoothed unigram law, if it has one.
+
+    See :meth:`LatentTable.init_prior_from_counts`; other networks, and backbones with the
+    prior off, are left as they are.
+
+    Args:
+        net: A backbone.
+        counts: Token counts ``[V]``.
+
+    Returns:
+        Whether a prior was set.
+    """
+    if not isinstance(net, LatentTable) or getattr(net, "prior_logits", None) is None:
+        return False
+    net.init_prior_from_counts(counts)
+    return True
 
 
 def _describe(x: object) -> str:
@@ -60,6 +81,33 @@ class LatentTable:
         """Create ``prior_logits [V]`` (zeros: uniform) when ``config.output_prior`` is set."""
         if getattr(self.config, "output_prior", False):
             self.prior_logits = nn.Parameter(torch.zeros(self.config.vocab_size))
+
+    def init_prior_from_counts(self, counts: Tensor) -> None:
+        """Set ``prior_logits`` to the log of add-one-smoothed unigram frequencies.
+
+        ``prior_logits_v = log((n_v + 1) / (N + V))`` with ``N = sum_v n_v``: ``pi`` is then the
+        smoothed unigram law of the counts (every token keeps a positive probability). What
+        :class:`~flowtext.lm.FlowLM` does at the start of a fit from scratch (``prior_init``).
+
+        Args:
+            counts: Token counts ``[V]`` (non-negative).
+
+        Raises:
+            ConfigError: The output prior is off.
+            ShapeError: ``counts`` is not ``[vocab_size]``.
+            DataError: A negative or non-finite count.
+        """
+        logits = getattr(self, "prior_logits", None)
+        if logits is None:
+            raise ConfigError("the output prior is off: set output_prior to give it counts")
+        v = self.config.vocab_size
+        if not isinstance(counts, Tensor) or tuple(counts.shape) != (v,):
+            raise ShapeError(f"counts must be [vocab_size={v}], got {_describe(counts)}")
+        counts = counts.detach().to(torch.float64)
+        if not bool(torch.isfinite(counts).all()) or bool((counts < 0).any()):
+            raise DataError("token counts must be finite and non-negative")
+        with torch.no_grad():
+            logits.copy_(torch.log((counts + 1) / (counts.sum() + v)))
 
     def log_prior(self) -> Tensor | None:
         """``log pi`` ``[V]`` of the output prior, or ``None`` when it is off."""
