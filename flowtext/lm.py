@@ -281,7 +281,11 @@ class FlowLM(L.LightningModule):
         resolved = _policies.resolve(policy)
         cover = not self.training if cover is None else cover
         gen = generator if generator is not None else self._gen
-        length, sampling = tokens.shape[1], self.regime.step_sampling
+        length = tokens.shape[1]
+        shared: dict[str, Any] = dict(  # what both estimators take alike
+            generator=gen, sampling=self.regime.step_sampling, reverse=self.regime.reverse,
+            ar=ar, cover=cover, draws=draws,
+        )  # fmt: skip
         if not isinstance(resolved, _policies.StaticPolicy):
             raise ConfigError(f"policy_bound needs a static policy, got {resolved!r}")
         policy = resolved
@@ -299,29 +303,13 @@ class FlowLM(L.LightningModule):
                 block_size=size,
                 steps_per_block=m,
                 t_min=t_min if m > 1 else None,
-                generator=gen,
-                sampling=sampling,
-                reverse=self.regime.reverse,
-                ar=ar,
                 difficulty=difficulty,
-                cover=cover,
-                draws=draws,
+                **shared,
             )
         grid = with_t_min(
             policy.grid(length, steps, dtype=torch.float64), t_min or self.regime.grid_t_min
         )
-        return single_stream_loss(
-            self.net,
-            tokens,
-            grid,
-            self.schedule,
-            generator=gen,
-            sampling=sampling,
-            reverse=self.regime.reverse,
-            ar=ar,
-            cover=cover,
-            draws=draws,
-        )
+        return single_stream_loss(self.net, tokens, grid, self.schedule, **shared)
 
     def training_loss(
         self, tokens: torch.Tensor, *, regime_generator: torch.Generator | None = None
