@@ -75,6 +75,10 @@ class TrainingRegime:
     draw it more often); 1 = AR (one jump per token), 0 = one block over the whole sequence."""
     steps_per_block: int = 1
     """Steps m per block of more than one token (single tokens always jump 1 -> 0 in one step)."""
+    step_choices: tuple[int, ...] = ()
+    """If given, each two-stream batch draws its steps per block uniformly from these instead of
+    ``steps_per_block`` (each with its own ``t_min = 1/m`` when ``t_min`` is null), so the
+    network trains on the times of several grids, not of one (validation keeps its own m)."""
     t_min: float | None = None
     """Smallest positive time inside a block; null = 1 / steps_per_block. Diagonal grids use
     t_min, or 1 / max(2, steps_per_block) when null."""
@@ -117,6 +121,7 @@ class TrainingRegime:
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalize YAML lists to tuples once, here
         set_(self, "block_sizes", tuple(_int(b, "block_sizes") for b in self.block_sizes))
+        set_(self, "step_choices", tuple(_int(m, "step_choices") for m in self.step_choices))
         set_(self, "diagonal_widths", tuple(float(w) for w in self.diagonal_widths))
         set_(self, "steps_per_block", _int(self.steps_per_block, "steps_per_block"))
         set_(self, "diagonal_steps", _int(self.diagonal_steps, "diagonal_steps"))
@@ -158,6 +163,8 @@ class TrainingRegime:
     def _check_steps(self) -> None:
         if self.steps_per_block < 1:
             raise ConfigError(f"steps_per_block must be >= 1, got {self.steps_per_block}")
+        if any(m < 2 for m in self.step_choices):
+            raise ConfigError(f"step_choices must all be >= 2, got {list(self.step_choices)}")
         if self.diagonal_steps < 1:
             raise ConfigError(f"diagonal_steps must be >= 1, got {self.diagonal_steps}")
         if self.noise_draws < 1:
@@ -227,7 +234,8 @@ class TrainingRegime:
 
         Args:
             length: Sequence length ``L``.
-            generator: Random generator of the draw (two draws: kind, then size or width).
+            generator: Random generator of the draw (two draws: kind, then size or width; a
+                third, the steps per block, with ``step_choices``).
 
         Returns:
             The drawn :class:`DrawnBound`.
@@ -238,7 +246,10 @@ class TrainingRegime:
             policy = Diagonal(width=self.diagonal_widths[i])
             return DrawnBound(policy, length * self.diagonal_steps, "diagonal")
         i = int(torch.randint(len(self.block_sizes), (1,), generator=generator))
-        return self.block_bound(self.block_sizes[i], length)
+        if not self.step_choices:
+            return self.block_bound(self.block_sizes[i], length)
+        k = int(torch.randint(len(self.step_choices), (1,), generator=generator))
+        return block_bound(self.block_sizes[i], self.step_choices[k], length)
 
     def weight(self, label: str) -> float:
         """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""

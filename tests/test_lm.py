@@ -248,6 +248,8 @@ def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(la
         (dict(bound_weights={"block0": -1.0}), "bound_weights"),
         (dict(bound_weights=[("block0", 1.0)]), "bound_weights"),
         (dict(noise_draws=0), "noise_draws"),
+        (dict(block_sizes=(4,), steps_per_block=4, step_choices=(4, 1)), "step_choices"),
+        (dict(block_sizes=(4,), steps_per_block=4, step_choices=(4.5,)), "integers"),
     ],
 )
 def test_incompatible_regimes_fail_with_a_clear_error(kwargs, match):
@@ -273,6 +275,22 @@ def test_regime_draws_follow_its_stated_probabilities(regime):
     assert set(counts) == set(probs) and sum(probs.values()) == pytest.approx(1.0)
     for label, p in probs.items():  # 5 standard deviations of a binomial count
         assert abs(counts[label] / n - p) <= 5 * math.sqrt(p * (1 - p) / n)
+
+
+def test_step_choices_draw_every_grid_for_blocks_and_leave_ar_one_jump():
+    regime = TrainingRegime(block_sizes=(1, 8, 0), steps_per_block=16, step_choices=(4, 64))
+    gen, seen = torch.Generator().manual_seed(0), set()
+    for _ in range(300):
+        bound = regime.draw(32, gen)
+        n_blocks = {"block1": 32, "block8": 4, "block0": 1}[bound.label]
+        assert bound.steps % n_blocks == 0
+        seen.add((bound.label, bound.steps // n_blocks))
+    assert seen == {("block1", 1), ("block8", 4), ("block8", 64), ("block0", 4), ("block0", 64)}
+    plain = TrainingRegime(block_sizes=(1, 8, 0), steps_per_block=16)  # off: one grid, as before
+    gen, again = torch.Generator().manual_seed(0), torch.Generator().manual_seed(0)
+    labels = [plain.draw(32, gen) for _ in range(50)]
+    assert labels == [TrainingRegime(**plain.to_dict()).draw(32, again) for _ in range(50)]
+    assert {b.steps for b in labels if b.label == "block8"} == {4 * 16}
 
 
 def test_regime_is_plain_data_in_the_checkpoint_hyper_parameters():
