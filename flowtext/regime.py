@@ -4,7 +4,8 @@ A :class:`TrainingRegime` is plain, validated data. Each training batch draws on
 
 * with probability ``1 - single_stream_fraction`` a ``block(B)`` policy, ``B`` drawn uniformly
   from ``block_sizes`` (``1`` = AR with one jump per token, ``0`` = one block over the whole
-  sequence, i.e. diffusion), with ``steps_per_block`` steps per block, estimated two-stream;
+  sequence, i.e. diffusion), with ``steps_per_block`` steps per block (or a number drawn
+  from ``step_choices``), estimated two-stream;
 * otherwise a ``diagonal(w)`` policy, ``w`` drawn uniformly from ``diagonal_widths``, with
   ``diagonal_steps`` steps per token, estimated single-stream. Its states mix committed,
   partially denoised and pure-noise tokens at different times: those an adaptive decoder visits.
