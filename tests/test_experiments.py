@@ -212,3 +212,39 @@ def test_balance_quick_measures_bounds_and_gradient_noise_of_every_drawn_bound(t
     assert float(grads["w0", "block0"]["norm_vs_ar"]) == 0.0  # weight 0: no gradient at all
     assert all(-1 <= float(r["cos_noise"]) <= 1 + 1e-5 for r in grads.values())
     assert "Gradients of each drawn bound" in (tmp_path / "balance.md").read_text()
+
+
+def test_tune_quick_trains_scores_and_reuses_every_variant(tmp_path, capsys):
+    from experiments import tune
+
+    argv = ["--quick", "--out", str(tmp_path), "--variant", "base=",
+            "--variant", "fixed=max_lr_steps=7,lr=4e-3"]  # fmt: skip
+    assert tune.main(argv) == 0
+    rows = list(csv.DictReader(open(tmp_path / "tune-ar-tiny.csv")))
+    assert [r["variant"] for r in rows] == ["base", "fixed"]
+    base, fixed = rows
+    assert int(fixed["max_lr_steps"]) == 7  # a variant's own schedule is kept
+    assert int(base["max_lr_steps"]) > 7  # the probe sized the decay to the budget
+    for r in rows:  # a few seconds of training: below uniform over 259 byte ids (8.02 bits)
+        assert int(r["steps"]) > 0 and float(r["tokens_per_s"]) > 0
+        assert 0 < float(r["bpb_ar"]) < 8.5
+    assert float(base["ratio"]) == 1.0
+    assert float(fixed["ratio"]) == pytest.approx(float(fixed["bpb_ar"]) / float(base["bpb_ar"]))
+    assert "| fixed |" in (tmp_path / "tune-ar-tiny.md").read_text()
+    capsys.readouterr()
+    assert tune.main(argv) == 0  # the same runs again: read back, not retrained
+    assert capsys.readouterr().out.count("reusing") == 2
+    assert list(csv.DictReader(open(tmp_path / "tune-ar-tiny.csv"))) == rows
+
+
+def test_tune_variants_expand_short_overrides_and_refuse_unknown_ones():
+    from experiments import tune
+
+    name, args = tune.parse_variant("w=d_model=192,--data.seq_len=64")
+    assert name == "w"
+    assert args == ["--model.init_args.net.d_model=192", "--data.seq_len=64"]
+    assert tune.parse_variant("base=") == ("base", [])
+    for bad in ("=lr=1", "x=width=3", "x=lr"):
+        with pytest.raises(ValueError):
+            tune.parse_variant(bad)
+    assert tune.max_time(3 * 60) == "00:00:03:00" and tune.max_time(90061.5) == "01:01:01:02"
