@@ -533,6 +533,23 @@ def _mixture_inputs(
     return net.embedding_table(), xi
 
 
+def _step_nats(
+    net, own: Tensor, logits: Tensor, tokens: Tensor, x_emb: Tensor,
+    step: tuple[Tensor, Tensor], schedule: NoiseSchedule, reverse: str, generator,
+) -> tuple[Tensor, Tensor]:  # fmt: skip
+    """Per-token nats and commit cross-entropy of the reverse step ``t_prev -> t_next``.
+
+    ``own [B, L, V]`` are the tokens' own logits (their mean latent ``x_hat``); ``logits`` are
+    the commit logits (the predecessor's for next-token readouts); ``step = (t_prev, t_next)``,
+    each ``[B, L]``. Returns ``(nats, ce)``, each ``[B, L]``.
+    """
+    table, xi = _mixture_inputs(net, x_emb, reverse, generator)
+    t_prev, t_next = step
+    return _terms_at_state(
+        logits, net.x0_hat(own), tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+    )
+
+
 def discrete_elbo(
     net,
     tokens: Tensor,
@@ -583,11 +600,10 @@ def discrete_elbo(
         z = _state(net, x_emb, t_prev, noise, schedule)
         o = _orders(t_prev, ks[None, :])
         out = net(z, t_prev, o, None)
-        table, xi = _mixture_inputs(net, x_emb, reverse, generator)
-        x_hat = net.x0_hat(out.logits)
         logits = _read_next(out.logits, next_token_readout(t_prev, t_next, o))
-        nats, _ = _terms_at_state(
-            logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+        step = (t_prev, t_next)
+        nats, _ = _step_nats(
+            net, out.logits, logits, tokens, x_emb, step, schedule, reverse, generator
         )
         total = total + nats
     return total
@@ -651,20 +667,15 @@ def single_stream_loss(
     z = _state(net, x_emb, t_prev, eps, schedule)
     o = _orders(t_prev, commit_steps(grid)[None, :])
     out = net(z, t_prev, o, None, **_self_cond(net, generator))
-    table, xi = _mixture_inputs(net, x_emb, reverse, generator)
-    x_hat = net.x0_hat(out.logits)
     logits = _read_next(out.logits, next_token_readout(t_prev, t_next, o))
-    nats, ce = _terms_at_state(
-        logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
+    step = (t_prev, t_next)
+    nats, ce = _step_nats(
+        net, out.logits, logits, tokens, x_emb, step, schedule, reverse, generator
     )
-    terms = LossTerms(
-        nats=n_steps * nats + prior_kl(x_emb, schedule),
-        ce=ce.detach(),
-        difficulty=lambda: out.difficulty,
-        scored=t_prev > 0,
-        ar_nats=autoregressive_loss(net, sequences, schedule).nats if ar else None,
-        t=t_prev,
-    )
+    ar_nats = autoregressive_loss(net, sequences, schedule).nats if ar else None
+    prior = prior_kl(x_emb, schedule)
+    terms = LossTerms(nats=n_steps * nats + prior, ce=ce.detach(), scored=t_prev > 0,
+                      difficulty=lambda: out.difficulty, ar_nats=ar_nats, t=t_prev)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
 
 
@@ -762,19 +773,12 @@ def two_stream_loss(
             ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]
         first = (pos[:, :length] % block_size == 0) & (pos[:, :length] > 0)
         logits = _read_next(own, first & (t_prev == 1) & (t_next == 0), clean)
-    x_hat = net.x0_hat(own)
-    table, xi = _mixture_inputs(net, x_emb, reverse, generator)
-    nats, ce = _terms_at_state(
-        logits, x_hat, tokens, x_emb, t_prev, t_next, schedule, reverse, table, xi
-    )
-    terms = LossTerms(
-        nats=m * nats + prior_kl(x_emb, schedule),
-        ce=ce.detach(),
-        difficulty=lambda: out.difficulty[:, noisy],
-        scored=torch.ones_like(tokens, dtype=torch.bool),
-        ar_nats=ar_nats,
-        t=t_prev,
-    )
+    step = (t_prev, t_next)
+    nats, ce = _step_nats(net, own, logits, tokens, x_emb, step, schedule, reverse, generator)
+    everyone = torch.ones_like(tokens, dtype=torch.bool)
+    prior = prior_kl(x_emb, schedule)
+    terms = LossTerms(nats=m * nats + prior, ce=ce.detach(), scored=everyone, t=t_prev,
+                      difficulty=lambda: out.difficulty[:, noisy], ar_nats=ar_nats)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
 
 
