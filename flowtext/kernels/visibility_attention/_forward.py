@@ -12,11 +12,14 @@ import triton.language as tl
 
 from flowtext.kernels.visibility_attention._tiles import (
     NO_SPECIALIZE,
+    _batch_head,
     _block_runs,
     _partial_segments,
     _reduce_max,
     _reduce_sum,
+    _rows,
     _segment_block,
+    _side,
     _visible,
 )
 
@@ -37,14 +40,13 @@ def _fwd_tile(
 ):  # fmt: skip
     """Fold one key tile into the online softmax; ``MASKED=False`` for fully visible tiles."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
-    k_ptr = K + b * s_kb + h * s_kh + offs_n[None, :] * s_kn + offs_d[:, None] * s_kd
-    v_ptr = V + b * s_vb + h * s_vh + offs_n[:, None] * s_vn + offs_d[None, :] * s_vd
+    k_ptr = _rows(K, b, h, s_kb, s_kh, s_kd, s_kn, offs_d, offs_n)  # [D, N]
+    v_ptr = _rows(V, b, h, s_vb, s_vh, s_vn, s_vd, offs_n, offs_d)
     if MASKED:
         k_ok = offs_n < LK
         kt = tl.load(k_ptr, mask=k_ok[None, :] & d_ok[:, None], other=0.0)
         v = tl.load(v_ptr, mask=k_ok[:, None] & d_ok[None, :], other=0.0)
-        tk = tl.load(TK + b * LK + offs_n, mask=k_ok, other=1.0)
-        ok = tl.load(OK + b * LK + offs_n, mask=k_ok, other=0)
+        tk, ok = _side(TK, OK, b, LK, offs_n, k_ok)
         vis = _visible(tq, oq, iq, q_ok, tk, ok, offs_n, k_ok)
         s = tl.where(vis, _dot(q, kt, PRECISION, UPCAST) * qk_scale_log2, float("-inf"))
         m_new = tl.maximum(m_i, _reduce_max(s, 1))
@@ -74,21 +76,15 @@ def _fwd_kernel(
 ):  # fmt: skip
     """One query tile of one (batch, head): fully visible key tiles first, then partial ones."""
     pid_m = tl.program_id(0)
-    pid_bh = tl.program_id(1)
-    b = (pid_bh // H).to(tl.int64)
-    h = (pid_bh % H).to(tl.int64)
+    bh, b, h = _batch_head(H)
     start_m = pid_m * BLOCK_M
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_D)
     q_ok = offs_m < LQ
     d_ok = offs_d < D
-    q = tl.load(
-        Q + b * s_qb + h * s_qh + offs_m[:, None] * s_qm + offs_d[None, :] * s_qd,
-        mask=q_ok[:, None] & d_ok[None, :],
-        other=0.0,
-    )
-    tq = tl.load(TQ + b * LQ + offs_m, mask=q_ok, other=1.0)
-    oq = tl.load(OQ + b * LQ + offs_m, mask=q_ok, other=0)
+    q_mask = q_ok[:, None] & d_ok[None, :]
+    q = tl.load(_rows(Q, b, h, s_qb, s_qh, s_qm, s_qd, offs_m, offs_d), mask=q_mask, other=0.0)
+    tq, oq = _side(TQ, OQ, b, LQ, offs_m, q_ok)
     iq = offs_m + (LK - LQ)
     lo1, hi1, lo2, hi2, f_lo, f_hi = _block_runs(
         QSUM, KSUM, b, NGQ, NGK, start_m, LQ, LK, BLOCK_M, BLOCK_N, True
@@ -114,13 +110,10 @@ def _fwd_kernel(
 
     m_safe = tl.where(m_i == float("-inf"), 0.0, m_i)
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
-    tl.store(
-        OUT + b * s_ob + h * s_oh + offs_m[:, None] * s_om + offs_d[None, :] * s_od,
-        (acc / l_safe[:, None]).to(OUT.dtype.element_ty),
-        mask=q_ok[:, None] & d_ok[None, :],
-    )
-    tl.store(LSE + pid_bh.to(tl.int64) * LQ + offs_m, m_safe + tl.log2(l_safe), mask=q_ok)
+    out = (acc / l_safe[:, None]).to(OUT.dtype.element_ty)
+    tl.store(_rows(OUT, b, h, s_ob, s_oh, s_om, s_od, offs_m, offs_d), out, mask=q_mask)
+    tl.store(LSE + bh * LQ + offs_m, m_safe + tl.log2(l_safe), mask=q_ok)
     if COUNT_TILES:  # visited tiles, then fully visible ones (tests)
-        slot = COUNT + (pid_bh * tl.num_programs(0) + pid_m) * 2
+        slot = COUNT + (bh * tl.num_programs(0) + pid_m) * 2
         tl.store(slot, n_partial + tl.maximum(f_hi - f_lo, 0))
         tl.store(slot + 1, tl.maximum(f_hi - f_lo, 0))

@@ -12,8 +12,7 @@ import triton
 from flowtext.errors import ConfigError
 from flowtext.kernels.visibility_attention._backward import (
     _bwd_delta_kernel,
-    _bwd_dkdv_kernel,
-    _bwd_dq_kernel,
+    _bwd_kernel,
 )
 from flowtext.kernels.visibility_attention._forward import _fwd_kernel
 from flowtext.kernels.visibility_attention._tiles import GROUP, TileSummaries
@@ -30,7 +29,7 @@ DECODE_QUERIES = 16
 class TileConfig:
     """One fixed tile configuration (the single-config mode; autotuning is the default).
 
-    The same tile sizes are used by the forward kernel and both backward kernels.
+    The same tile sizes are used by the forward kernel and both backward passes.
     """
 
     block_m: int = 64
@@ -76,10 +75,10 @@ _fwd_decode_tuned = triton.autotune(_configs([(16, 64, 4, 3), (16, 128, 4, 3)]),
 )
 _dkdv_tuned = triton.autotune(
     _configs([(32, 128, 4, 3), (64, 64, 4, 3), (64, 128, 8, 3)]), key=_TUNE_KEY
-)(_bwd_dkdv_kernel)
+)(_bwd_kernel)
 _dq_tuned = triton.autotune(
     _configs([(128, 32, 4, 3), (64, 64, 4, 3), (128, 64, 8, 3)]), key=_TUNE_KEY
-)(_bwd_dq_kernel)
+)(_bwd_kernel)
 
 
 def resolve_tiles(single_config: bool | TileConfig) -> TileConfig | None:
@@ -167,7 +166,7 @@ def forward(q, k, v, s: TileSummaries, tiles: TileConfig | None, *, count_tiles:
 
 
 def backward(do, q, k, v, out, lse, s: TileSummaries, tiles: TileConfig | None):
-    """Launch the three backward kernels; returns ``(dq, dk, dv)``."""
+    """Launch the delta kernel and the two backward passes; returns ``(dq, dk, dv)``."""
     bsz, heads, lq, d = q.shape
     lk = k.shape[2]
     common = _common(q)
@@ -185,16 +184,20 @@ def backward(do, q, k, v, out, lse, s: TileSummaries, tiles: TileConfig | None):
     tokens = (s.t_q, s.o_q, s.t_k, s.o_k, s.q, s.k)
     # dk and dv are fresh contiguous tensors of one shape: they share the output strides.
     dkdv_args = (q, k, v, do, dk, dv, lse, delta, *tokens, *inputs, *_strides(dk), *scalars)
-    dq_args = (q, k, v, do, dq, lse, delta, *tokens, *inputs, *_strides(dq), *scalars)
+    dq_args = (q, k, v, do, dq, dq, lse, delta, *tokens, *inputs, *_strides(dq), *scalars)
     if tiles is None:
         _dkdv_tuned[lambda meta: (triton.cdiv(lk, meta["BLOCK_N"]), bsz * heads)](
-            *dkdv_args, **common
+            *dkdv_args, KEY_PASS=True, **common
         )
-        _dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)](*dq_args, **common)
+        _dq_tuned[lambda meta: (triton.cdiv(lq, meta["BLOCK_M"]), bsz * heads)](
+            *dq_args, KEY_PASS=False, **common
+        )
     else:
-        fixed = _fixed(tiles)
-        _bwd_dkdv_kernel[(triton.cdiv(lk, tiles.block_n), bsz * heads)](
-            *dkdv_args, **fixed, **common
+        fixed = {**_fixed(tiles), **common}
+        _bwd_kernel[(triton.cdiv(lk, tiles.block_n), bsz * heads)](
+            *dkdv_args, KEY_PASS=True, **fixed
         )
-        _bwd_dq_kernel[(triton.cdiv(lq, tiles.block_m), bsz * heads)](*dq_args, **fixed, **common)
+        _bwd_kernel[(triton.cdiv(lq, tiles.block_m), bsz * heads)](
+            *dq_args, KEY_PASS=False, **fixed
+        )
     return dq, dk, dv

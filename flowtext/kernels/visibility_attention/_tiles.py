@@ -98,6 +98,31 @@ def _reduce_sum(x, axis: tl.constexpr):
 
 
 # --------------------------------------------------------------------------------------------
+# Addressing: the program's (batch, head) and its tiles
+# --------------------------------------------------------------------------------------------
+
+
+@triton.jit
+def _batch_head(H):
+    """``(bh, b, h)`` of this program (grid axis 1 runs over batch x heads), int64."""
+    pid_bh = tl.program_id(1)
+    return pid_bh.to(tl.int64), (pid_bh // H).to(tl.int64), (pid_bh % H).to(tl.int64)
+
+
+@triton.jit
+def _rows(X, b, h, s_b, s_h, s_r, s_d, offs_r, offs_d):
+    """Pointers ``[R, D]`` to rows ``offs_r`` and features ``offs_d`` of ``X[b, h]``."""
+    return X + b * s_b + h * s_h + offs_r[:, None] * s_r + offs_d[None, :] * s_d
+
+
+@triton.jit
+def _side(TIME, ORDER, b, L, offs, ok):
+    """Times (1 off the sequence) and orders (0 off it) ``[R]`` of the tile's tokens."""
+    t = tl.load(TIME + b * L + offs, mask=ok, other=1.0)
+    return t, tl.load(ORDER + b * L + offs, mask=ok, other=0)
+
+
+# --------------------------------------------------------------------------------------------
 # The pairwise rule
 # --------------------------------------------------------------------------------------------
 
