@@ -1,4 +1,4 @@
-"""The SDPA backend's no-mask fast path (``all_visible``) is exact and never fires wrongly."""
+"""The SDPA backend's fast paths (:func:`sdpa_layout`) are exact and never fire wrongly."""
 
 import pytest
 import torch
@@ -8,13 +8,12 @@ from hypothesis import strategies as st
 
 from flowtext.attention import (
     LIVE,
-    all_visible,
     attention,
     sdpa_attention,
+    sdpa_layout,
     two_stream_layout,
     visibility_mask,
 )
-from flowtext.attention.reference import is_causal
 from flowtext.errors import ShapeError
 
 
@@ -45,7 +44,7 @@ def test_all_visible_implies_full_mask_and_same_output(
     lq = max(1, round(lq_frac * lk))
     t_q, o_q = t[:, lk - lq :], o[:, lk - lq :]
     mask = visibility_mask(t_q, o_q, t, o)
-    fast = all_visible(t_q, o_q, t, o)
+    fast = sdpa_layout(t_q, o_q, t, o).kind == "dense"
     if fast:
         assert bool(mask.all())
     if p_committed == 0 and p_one == 0 and n_groups == 1:  # the diffusion single stream
@@ -60,14 +59,14 @@ def test_all_visible_implies_full_mask_and_same_output(
 def test_fast_path_rejects_each_violated_condition():
     t = torch.full((1, 4), 0.5)
     o = torch.full((1, 4), LIVE)
-    assert all_visible(t, o, t, o)
+    assert sdpa_layout(t, o, t, o).kind == "dense"
     for i, (dt, do) in enumerate([(0.0, None), (1.0, None), (None, 3)]):
         t2, o2 = t.clone(), o.clone()
         if dt is not None:
             t2[0, i] = dt
         if do is not None:
             o2[0, i] = do
-        assert not all_visible(t2, o2, t2, o2)
+        assert sdpa_layout(t2, o2, t2, o2).kind != "dense"
         assert not bool(visibility_mask(t2, o2, t2, o2).all())
 
 
@@ -75,7 +74,7 @@ def test_fast_path_keeps_shape_errors():
     t = torch.full((1, 4), 0.5)
     o = torch.full((1, 4), LIVE)
     with pytest.raises(ShapeError):
-        all_visible(t, o[:, :3], t, o)
+        sdpa_layout(t, o[:, :3], t, o)
     with pytest.raises(ShapeError):
         sdpa_attention(*(torch.zeros(1, 1, 4, 8) for _ in range(3)), t, o, t[:, :3], o)
 
@@ -88,7 +87,7 @@ def test_fast_path_keeps_shape_errors():
     kind=st.sampled_from(["increasing", "ties", "live", "shuffled"]),
 )
 def test_causal_fast_path_is_exact_and_never_fires_wrongly(seed, b, n, kind):
-    """``is_causal`` holds iff committed orders strictly increase; then the mask is ``tril``."""
+    """``sdpa_layout`` says causal iff committed orders strictly increase; the mask is ``tril``."""
     gen = torch.Generator().manual_seed(seed)
     o = torch.randint(1, 4, (b, n), generator=gen).cumsum(1)
     t = torch.zeros(b, n)
@@ -100,7 +99,7 @@ def test_causal_fast_path_is_exact_and_never_fires_wrongly(seed, b, n, kind):
         o = o[:, torch.randperm(n, generator=gen)]
     mask = visibility_mask(t, o, t, o)
     tril = torch.ones(n, n, dtype=torch.bool).tril().expand(b, n, n)
-    fast = is_causal(t, o, t, o)
+    fast = sdpa_layout(t, o, t, o).kind == "causal"
     if fast:
         assert torch.equal(mask, tril)
     if kind == "increasing":

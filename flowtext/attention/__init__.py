@@ -16,7 +16,6 @@ import torch
 
 from flowtext.attention.reference import (
     SdpaLayout,
-    all_visible,
     sdpa_attention,
     sdpa_layout,
     two_stream_layout,
@@ -34,7 +33,6 @@ __all__ = [
     "AttentionPlan",
     "Backend",
     "SdpaLayout",
-    "all_visible",
     "attention",
     "check_times",
     "plan_attention",

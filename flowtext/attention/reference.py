@@ -72,7 +72,7 @@ def visibility_mask(
 
 
 def _all_visible_flag(t_q, o_q, t_k, o_k) -> torch.Tensor:
-    """:func:`all_visible` as a 0-d bool tensor (no device sync)."""
+    """Whether :func:`sdpa_layout` may skip the mask, a 0-d bool tensor (no device sync)."""
     if t_k.shape[1] == 0:
         return torch.zeros((), dtype=torch.bool, device=t_k.device)
     group = o_k[:, :1]
@@ -81,30 +81,10 @@ def _all_visible_flag(t_q, o_q, t_k, o_k) -> torch.Tensor:
 
 
 def _causal_flag(t_q, o_q, t_k, o_k) -> torch.Tensor:
-    """:func:`is_causal` as a 0-d bool tensor (no device sync)."""
+    """Whether the mask is plain causal (:func:`sdpa_layout`), 0-d bool (no device sync)."""
     if t_q.shape != t_k.shape or t_k.shape[1] == 0:
         return torch.zeros((), dtype=torch.bool, device=t_k.device)
     return (t_k == 0).all() & (o_k[:, 1:] > o_k[:, :-1]).all()
-
-
-def all_visible(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor) -> bool:
-    """Whether every query sees every key (so attention needs no mask at all).
-
-    A sufficient condition of rule 3, checked in ``O(B (Lq + Lk))``: every query is live
-    (``t_q > 0``), every key is live and informative (``0 < t_k < 1``), and all tokens of a row
-    share one group. It holds for the synchronous (diffusion) single stream at ``0 < t < 1``.
-
-    Args:
-        t_q: Query times ``[B, Lq]``.
-        o_q: Query orders ``[B, Lq]``.
-        t_k: Key times ``[B, Lk]``.
-        o_k: Key orders ``[B, Lk]``.
-
-    Returns:
-        ``True`` if :func:`visibility_mask` would be all ``True`` by rule 3 (one device sync).
-    """
-    _check_layout(t_q, o_q, t_k, o_k)
-    return bool(_all_visible_flag(t_q, o_q, t_k, o_k))
 
 
 def two_stream_layout(
@@ -138,27 +118,6 @@ def two_stream_layout(
     return t, o
 
 
-def is_causal(t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor) -> bool:
-    """Whether the visibility mask is the plain causal (lower-triangular) mask.
-
-    A sufficient condition, checked in ``O(B L)``: queries are the keys (``Lq == Lk``), every
-    token is committed and orders strictly increase along each row (a clean stream whose commits
-    follow positions, e.g. the autoregressive stream of :mod:`flowtext.objectives`). Committed
-    query ``i`` then sees key ``j`` iff ``o_j <= o_i`` iff ``j <= i``.
-
-    Args:
-        t_q: Query times ``[B, Lq]``.
-        o_q: Query orders ``[B, Lq]``.
-        t_k: Key times ``[B, Lk]``.
-        o_k: Key orders ``[B, Lk]``.
-
-    Returns:
-        ``True`` if :func:`visibility_mask` is ``tril`` (one device sync).
-    """
-    _check_layout(t_q, o_q, t_k, o_k)
-    return bool(_causal_flag(t_q, o_q, t_k, o_k))
-
-
 @dataclass(frozen=True, eq=False)
 class SdpaLayout:
     """How SDPA attends under one set of token vectors: built once, reused by every layer.
@@ -176,9 +135,16 @@ class SdpaLayout:
 def sdpa_layout(
     t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor
 ) -> SdpaLayout:
-    """Classify the token vectors for SDPA (:func:`all_visible`, then :func:`is_causal`).
+    """Which mask SDPA needs under the rule of :func:`visibility_mask`: none, causal, or dense.
 
-    Both checks share one device sync; the dense mask is built only when neither holds.
+    Two sufficient checks, ``O(B (Lq + Lk))`` and one device sync together; the dense mask is
+    built only when neither holds. ``"dense"`` (every query sees every key: no mask): every
+    query is live (``t_q > 0``), every key is live and informative (``0 < t_k < 1``), and all
+    tokens of a row share one group, as in the synchronous (diffusion) single stream at
+    ``0 < t < 1``. ``"causal"`` (the plain lower-triangular mask): queries are the keys
+    (``Lq == Lk``), every token is committed and orders strictly increase along each row, as in
+    the autoregressive stream; committed query ``i`` then sees key ``j`` iff ``o_j <= o_i`` iff
+    ``j <= i``.
 
     Args:
         t_q: Query times ``[B, Lq]``.
@@ -192,10 +158,8 @@ def sdpa_layout(
     _check_layout(t_q, o_q, t_k, o_k)
     args = (t_q, o_q, t_k, o_k)
     dense, causal = torch.stack([_all_visible_flag(*args), _causal_flag(*args)]).tolist()
-    if dense:  # e.g. the diffusion single stream: no mask, fast kernels
-        return SdpaLayout("dense")
-    if causal:  # the autoregressive stream: a plain causal mask
-        return SdpaLayout("causal")
+    if dense or causal:  # no mask tensor: fused kernels, or is_causal=True
+        return SdpaLayout("dense" if dense else "causal")
     return SdpaLayout("mask", visibility_mask(t_q, o_q, t_k, o_k)[:, None])
 
 
@@ -213,9 +177,9 @@ def sdpa_attention(
 ) -> torch.Tensor:
     """Attention under the visibility rules through a dense mask and PyTorch SDPA.
 
-    When every pair is visible (:func:`all_visible`, e.g. the diffusion single stream) or the
-    mask is plain causal (:func:`is_causal`, e.g. the autoregressive stream) no mask is built and
-    SDPA may pick its fused (flash / memory-efficient) kernels.
+    When every pair is visible (:func:`sdpa_layout` says ``"dense"``, e.g. the diffusion single
+    stream) or the mask is plain causal (``"causal"``, the autoregressive stream) no mask is
+    built and SDPA may pick its fused (flash / memory-efficient) kernels.
 
     Args:
         q: Queries ``[B, H, Lq, D]``.
