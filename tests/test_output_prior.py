@@ -23,8 +23,7 @@ from flowtext.objectives import (
     two_stream_loss,
 )
 
-from . import test_decoding, test_nn, test_objectives
-from ._nets import perturbed_net, tiny
+from ._nets import perturbed_net, tiny, validate_and_decode
 from .test_mixture import UnigramOracle, excess
 
 F64 = torch.float64
@@ -165,46 +164,7 @@ def test_gradients_reach_the_prior_and_the_table():
     assert float(net.embedding.grad.abs().sum()) > 0
 
 
-# --------------------------------------------------- the existing exactness tests, option on
-
-
-def test_t4_with_the_output_prior(monkeypatch):
-    monkeypatch.setattr(
-        test_objectives, "tiny_net", lambda seed, vocab=11, max_len=16: prior_net(
-            seed, scale=0.05, vocab_size=vocab, max_len=max_len)
-    )  # fmt: skip
-    test_objectives.test_t4_elbo_under_autoregressive_is_teacher_forced_ce()
-    test_objectives.test_t4_fails_for_the_old_readout()
-    for block in (2, 3):
-        test_objectives.test_one_jump_block_bound_is_exact_in_both_forms(block)
-    test_objectives.test_single_stream_under_ar_with_one_draw_per_step_is_exact()
-
-
-@pytest.fixture
-def decoding_prior_net(monkeypatch):
-    net = prior_net(0, **test_decoding.TINY)
-    monkeypatch.setattr(test_decoding, "NET", net)
-    return net
-
-
-@pytest.mark.parametrize("greedy", [True, False])
-@pytest.mark.parametrize("p", [0, 3])
-def test_t2_with_the_output_prior(decoding_prior_net, greedy, p):
-    test_decoding.test_t2_autoregressive_equals_causal_ar_loop(greedy, p)
-
-
-@pytest.mark.parametrize("name,kwargs,steps", test_decoding.STATIC_CASES)
-@pytest.mark.parametrize("solver,greedy", [("euler", True), ("ancestral-mixture", False)])
-def test_cached_decoding_with_the_output_prior(decoding_prior_net, name, kwargs, steps, solver,
-                                               greedy):  # fmt: skip
-    test_decoding.test_cached_equals_uncached(name, kwargs, steps, solver, greedy)
-
-
-def test_cache_is_exact_with_the_output_prior(monkeypatch):
-    model = test_nn.make_model(output_prior=True)
-    bind_prior_schedule(model, schedules.get("cosine"))
-    monkeypatch.setattr(test_nn, "MODEL", model)
-    test_nn.test_cache_is_exact()
+# ------------------------------------------------------------ decoding (reruns: test_option_reruns)
 
 
 def test_commit_forward_reads_the_next_token_prior():
@@ -300,15 +260,7 @@ def test_a_flow_lm_with_the_output_prior_trains_validates_and_decodes():
     assert model.net.prior_schedule is model.schedule  # the fitted warp itself, not a copy
     assert float(model.net.prior_logits.grad.abs().sum()) > 0
     assert "net.prior_logits" in model.state_dict()
-    model.on_validation_start()
-    logged = {}
-    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
-    with torch.no_grad():
-        model.validation_step({"tokens": tokens}, 0)
-    assert logged and all(math.isfinite(v) for v in logged.values())
-    res = model.generate(batch_size=2, length=6, policy="block", policy_kwargs={"size": 3}, steps=4,
-                         solver="ancestral-mixture")  # fmt: skip
-    assert all(len(row) == 6 for row in res.tokens)
+    validate_and_decode(model, tokens, policy="block", policy_kwargs={"size": 3})
 
 
 # ----------------------------------------------------------- the prior from the data's counts

@@ -28,8 +28,8 @@ from flowtext.objectives import (
 )
 from flowtext.visibility import LIVE
 
-from . import _nets, test_decoding, test_nn
-from ._nets import perturbed_net, tiny
+from . import test_nn
+from ._nets import perturbed_net, tiny, validate_and_decode
 from .test_mixture import excess
 
 F64 = torch.float64
@@ -260,75 +260,6 @@ def test_the_bound_stays_above_the_entropy_of_iid_tokens():
     assert float((bound - one).abs().max()) > 1e-3
 
 
-# ------------------------------------------------------- the existing exactness tests, option on
-
-
-@pytest.fixture
-def decoding_sc_net(monkeypatch):
-    net = sc_net(0, **test_decoding.TINY)
-    monkeypatch.setattr(test_decoding, "NET", net)
-    return net
-
-
-@pytest.mark.parametrize("greedy", [True, False])
-@pytest.mark.parametrize("p", [0, 3])
-def test_t2_with_self_conditioning(decoding_sc_net, greedy, p):
-    """T2: AR decoding is the plain causal loop (its null query two-pass too); 2 passes/step."""
-    torch.manual_seed(11)
-    b, length = 3, 10
-    prompt = torch.randint(0, test_decoding.V, (b, p))
-    g = torch.Generator
-    want = test_decoding.ar_loop(decoding_sc_net, prompt, length, greedy=greedy,
-                                 generator=g().manual_seed(5), temperature=0.8)  # fmt: skip
-    res = generate(
-        decoding_sc_net, "cosine", prompt=prompt if p else None, batch_size=b, length=length,
-        policy="autoregressive", steps=length, greedy=greedy, temperature=0.8,
-        generator=g().manual_seed(5),
-    )  # fmt: skip
-    assert res.tokens == want.tolist()
-    assert res.stats.nfe == 2 * length and res.stats.passes == 2 * length
-
-
-@pytest.mark.parametrize("name,kwargs,steps", test_decoding.STATIC_CASES)
-@pytest.mark.parametrize("solver,greedy", [("euler", True), ("ancestral-mixture", False)])
-def test_cached_decoding_with_self_conditioning(decoding_sc_net, name, kwargs, steps, solver,
-                                                greedy):  # fmt: skip
-    test_decoding.test_cached_equals_uncached(name, kwargs, steps, solver, greedy)
-
-
-def test_commit_forward_with_self_conditioning(decoding_sc_net):
-    test_decoding.test_commit_forward_equals_commit_then_forward()
-
-
-def test_without_commit_forward_with_self_conditioning(decoding_sc_net):
-    test_decoding.test_without_commit_forward_the_decoder_reads_the_same_next_token_logits(
-        "block", {"size": 4}, 8
-    )
-
-
-@pytest.fixture
-def sc_model(monkeypatch):
-    model = test_nn.make_model(self_condition=True)
-    monkeypatch.setattr(test_nn, "MODEL", model)
-    return model
-
-
-def test_visibility_and_cache_exactness_with_self_conditioning(sc_model):
-    """The estimate of a token depends only on what it sees, so the rules of theory §2 (and
-    the two-stream layout) hold for the two-pass denoiser as for a deeper network."""
-    test_nn.test_cache_is_exact()
-    test_nn.test_cache_padding_entries_are_invisible()
-    test_nn.test_committed_outputs_ignore_live_and_noise_tokens()
-    test_nn.test_noise_tokens_input_is_not_read()
-    test_nn.test_two_stream_equals_sequential_blocks()
-
-
-def test_null_logits_with_self_conditioning(monkeypatch):
-    """The lean null query runs the same two passes as forward (values and gradients)."""
-    monkeypatch.setattr(_nets, "perturbed_net", lambda *a, **k: sc_net(*a, **k))
-    test_nn.test_null_logits_equal_the_lone_null_token_forward(False)
-
-
 # ---------------------------------------------------------------------------------- training
 
 
@@ -406,15 +337,8 @@ def test_a_flow_lm_with_self_conditioning_trains_reproducibly_validates_and_deco
     assert float(model.net.self_cond_proj.detach().abs().sum()) > 0  # it trained
     assert "net.self_cond_proj" in model.state_dict() and model.hparams["net"]["self_condition"]
     model.eval()
-    model.on_validation_start()
-    logged = {}
-    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
-    with torch.no_grad():
-        model.validation_step({"tokens": tokens}, 0)
-    assert logged and all(math.isfinite(v) for v in logged.values())
-    res = model.generate(batch_size=2, length=6, policy="synchronous", steps=4,
-                         solver="ancestral-mixture")  # fmt: skip
-    assert all(len(row) == 6 for row in res.tokens) and res.stats.nfe == 8
+    res = validate_and_decode(model, tokens, policy="synchronous")
+    assert res.stats.nfe == 8  # two passes per step
 
 
 def test_the_cli_switch_reaches_the_network(tmp_path):
