@@ -46,12 +46,9 @@ class SampleCallback(L.Callback):
         temperature: float = 0.8,
         seed: int = 0,
     ) -> None:
-        self.prompt = prompt
-        self.length = length
-        self.policy = policy
-        self.steps = steps
-        self.temperature = temperature
-        self.seed = seed
+        self.prompt, self.length, self.seed = prompt, length, seed
+        self.decoding: dict[str, Any] = dict(policy=policy, steps=steps, temperature=temperature)
+        """The other ``generate`` settings."""
         self.console = Console()
 
     def on_validation_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:  # noqa: D102
@@ -70,9 +67,7 @@ class SampleCallback(L.Callback):
                 out = pl_module.generate(
                     prompt=[ids],
                     length=max(1, min(self.length, room)),
-                    policy=self.policy,
-                    steps=self.steps,
-                    temperature=self.temperature,
+                    **self.decoding,
                     tokenizer=tok,
                     generator=torch.Generator().manual_seed(self.seed),
                 )
@@ -87,7 +82,7 @@ class SampleCallback(L.Callback):
         body = Group(  # Text: a sample is never read as rich markup
             Text(text), Text(f"validation bits/byte: {scores}", style="dim")
         )
-        title = f"step {trainer.global_step}: sample ({self.policy})"
+        title = f"step {trainer.global_step}: sample ({self.decoding['policy']})"
         self.console.print(Panel(body, title=title, title_align="left", expand=False))
 
 

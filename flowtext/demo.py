@@ -54,10 +54,10 @@ def pushforward(
     m1, c1 = toy.marginal(times[0], schedule)
     chol = torch.linalg.cholesky(c1)
     basis = torch.cat([torch.zeros(1, n, dtype=c1.dtype), torch.eye(n, dtype=c1.dtype)])
-    z = (m1.reshape(-1) + basis @ chol.T).reshape(n + 1, toy.length, toy.dim)
+    z = (m1.reshape(-1) + basis @ chol.T).reshape(n + 1, *toy.shape)
     out = integrate(toy.denoiser(schedule), z, times, schedule, solver).z.reshape(n + 1, n)
     jac = (out[1:] - out[0]).T
-    return out[0].reshape(toy.length, toy.dim), jac @ jac.T
+    return out[0].reshape(toy.shape), jac @ jac.T
 
 
 def _steps(policy: policies.StaticPolicy, length: int, mult: int) -> int:

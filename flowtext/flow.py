@@ -88,13 +88,10 @@ def velocity(z: Tensor, x0_hat: Tensor, t: Tensor, schedule: NoiseSchedule) -> T
 
 
 def conditional_path(x: Tensor, eps: Tensor, t: Tensor, schedule: NoiseSchedule) -> Tensor:
-    """Sample of the Gaussian path ``z_t = alpha(t) x + sigma(t) eps``.
+    """Sample ``z_t = alpha(t) x + sigma(t) eps`` of the Gaussian path.
 
-    Args:
-        x: Clean embeddings ``[B, L, d]``.
-        eps: Standard normal noise ``[B, L, d]``.
-        t: Per-token times ``[B, L]``.
-        schedule: The noise schedule.
+    ``x`` (clean embeddings) and ``eps`` (standard normal noise) are ``[B, L, d]``; the times
+    ``t [B, L]`` are per token, under ``schedule``.
 
     Returns:
         ``z_t`` of shape ``[B, L, d]``.

@@ -43,14 +43,9 @@ class GaussianToy:
             raise ShapeError(f"cov must be [{n}, {n}] for mean {tuple(self.mean.shape)}")
 
     @property
-    def length(self) -> int:
-        """Number of tokens ``L``."""
-        return self.mean.shape[0]
-
-    @property
-    def dim(self) -> int:
-        """Per-token dimension ``d``."""
-        return self.mean.shape[1]
+    def shape(self) -> tuple[int, int]:
+        """``(L, d)``: tokens and per-token dimension of a sample."""
+        return self.mean.shape[0], self.mean.shape[1]
 
     @classmethod
     def random(
@@ -84,17 +79,17 @@ class GaussianToy:
         """Draw ``n`` data samples ``[n, L, d]``."""
         chol = torch.linalg.cholesky(self.cov)
         e = torch.randn(n, self.mean.numel(), generator=generator, dtype=self.mean.dtype)
-        return (self.mean.reshape(-1) + e @ chol.T).reshape(n, self.length, self.dim)
+        return (self.mean.reshape(-1) + e @ chol.T).reshape(n, *self.shape)
 
     def _diag(self, t: Tensor, schedule: NoiseSchedule) -> tuple[Tensor, Tensor]:
-        a = schedule.alpha(t).repeat_interleave(self.dim, dim=-1)
-        s = schedule.sigma(t).repeat_interleave(self.dim, dim=-1)
+        a = schedule.alpha(t).repeat_interleave(self.shape[1], dim=-1)
+        s = schedule.sigma(t).repeat_interleave(self.shape[1], dim=-1)
         return a, s
 
     def marginal(self, t: Tensor, schedule: NoiseSchedule | str) -> tuple[Tensor, Tensor]:
         """Mean ``[L, d]`` and covariance ``[L d, L d]`` of ``z_t`` at per-token times ``t [L]``."""
         a, s = self._diag(t, _schedules.resolve(schedule))
-        mean = (a * self.mean.reshape(-1)).reshape(self.length, self.dim)
+        mean = (a * self.mean.reshape(-1)).reshape(self.shape)
         return mean, a[:, None] * self.cov * a[None, :] + torch.diag(s**2)
 
     def sample_marginal(
@@ -112,7 +107,7 @@ class GaussianToy:
         mean, cov = self.marginal(t, schedule)
         chol = torch.linalg.cholesky(cov)
         e = torch.randn(n, mean.numel(), generator=generator, dtype=mean.dtype)
-        return (mean.reshape(-1) + e @ chol.T).reshape(n, self.length, self.dim)
+        return (mean.reshape(-1) + e @ chol.T).reshape(n, *self.shape)
 
     def x0_hat(self, z: Tensor, t: Tensor, schedule: NoiseSchedule | str) -> Tensor:
         """Exact posterior mean ``E[x | z_t = z]``.
@@ -126,8 +121,9 @@ class GaussianToy:
             ``[B, L, d]``.
         """
         if z.shape[1:] != self.mean.shape or t.shape != z.shape[:2]:
+            (n, d) = self.shape
             raise ShapeError(
-                f"expected z [B, {self.length}, {self.dim}] and t [B, {self.length}]; "
+                f"expected z [B, {n}, {d}] and t [B, {n}]; "
                 f"got {tuple(z.shape)} and {tuple(t.shape)}"
             )
         b = z.shape[0]

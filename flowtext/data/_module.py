@@ -129,17 +129,11 @@ class FlowTextDataModule(L.LightningDataModule):
         # saved in checkpoints, not logged: the logger merges module and data hyper-parameters
         # and refuses keys both have with different values (``seed``); config.yaml keeps them
         self.save_hyperparameters(logger=False)
-        self.corpus_name = corpus
-        self.tokenizer_name = tokenizer
-        self.seq_len = seq_len
-        self.batch_size = batch_size
-        self.num_workers = num_workers
-        self.max_bytes = max_bytes
-        self.train_samples_per_epoch = train_samples_per_epoch
-        self.eval_samples = eval_samples
-        self.splits = check_fractions(splits)
-        self.seed = seed
-        self.cache_dir = cache_dir
+        self.corpus_name, self.tokenizer_name = corpus, tokenizer  # what is read
+        self.max_bytes, self.splits = max_bytes, check_fractions(splits)
+        self.seq_len, self.batch_size, self.num_workers = seq_len, batch_size, num_workers
+        self.train_samples_per_epoch, self.eval_samples = train_samples_per_epoch, eval_samples
+        self.seed, self.cache_dir = seed, cache_dir
         options = corpus_options or {}
         self.source: Corpus | Task = _hf.hf_corpus_for(
             corpus, fractions=self.splits, **options
