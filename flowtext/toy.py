@@ -121,7 +121,7 @@ class GaussianToy:
             ``[B, L, d]``.
         """
         if z.shape[1:] != self.mean.shape or t.shape != z.shape[:2]:
-            (n, d) = self.shape
+            n, d = self.shape
             raise ShapeError(
                 f"expected z [B, {n}, {d}] and t [B, {n}]; "
                 f"got {tuple(z.shape)} and {tuple(t.shape)}"
