@@ -249,10 +249,11 @@ class TrainingRegime:
             policy = Diagonal(width=self.diagonal_widths[i])
             return DrawnBound(policy, length * self.diagonal_steps, "diagonal")
         i = int(torch.randint(len(self.block_sizes), (1,), generator=generator))
-        if not self.step_choices:
-            return self.block_bound(self.block_sizes[i], length)
-        k = int(torch.randint(len(self.step_choices), (1,), generator=generator))
-        return block_bound(self.block_sizes[i], self.step_choices[k], length)
+        m = self.steps_per_block
+        if self.step_choices:
+            k = int(torch.randint(len(self.step_choices), (1,), generator=generator))
+            m = self.step_choices[k]
+        return block_bound(self.block_sizes[i], m, length)
 
     def weight(self, label: str) -> float:
         """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""
