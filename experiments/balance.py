@@ -48,6 +48,7 @@ from flowtext.regime import TrainingRegime
 REGIMES = {
     "ar": TrainingRegime.autoregressive,
     "evo": TrainingRegime.evo,
+    "diffusion": TrainingRegime.diffusion,
     "evo-plain": lambda: dataclasses.replace(
         TrainingRegime.evo(), normalize=False, reverse="gaussian", bound_weights={}
     ),
@@ -59,6 +60,7 @@ def build(name: str, dm, args) -> FlowLM:
     net = FlowTransformerConfig(
         vocab_size=dm.vocab_size, max_len=args.length, d_model=args.width, n_layers=args.layers,
         n_heads=args.heads, d_embed=32, cond_dim=64, cond_rank=8, attention_backend="sdpa",
+        self_condition=args.self_condition, output_prior=args.output_prior,
     )  # fmt: skip
     regime = REGIMES[name]() if name in REGIMES else _variant(name, args.variant)
     if args.steps_per_block:
@@ -68,15 +70,19 @@ def build(name: str, dm, args) -> FlowLM:
     def adamw(params):
         return torch.optim.AdamW(params, lr=args.lr, weight_decay=0.01)
 
-    return FlowLM(
+    lm = FlowLM(
         net=net, regime=regime, seed=args.seed, optimizer=adamw, bytes_per_token=dm.bytes_per_token,
+        schedule=args.schedule,
         warmup_steps=min(100, args.steps // 4), max_lr_steps=args.steps,
     )  # fmt: skip
+    lm.init_output_prior(dm)  # the unigram start of the output prior (no-op without it)
+    return lm
 
 
 def _variant(name: str, variants: list[str]) -> TrainingRegime:
     fields = json.loads(dict(v.split("=", 1) for v in variants)[name])
-    return TrainingRegime(**(TrainingRegime.evo().to_dict() | fields))
+    base = REGIMES[fields.pop("base", "evo")]()
+    return TrainingRegime(**(base.to_dict() | fields))
 
 
 def train(name: str, lm: FlowLM, dm, args) -> float:
@@ -174,11 +180,14 @@ def parse(argv=None) -> argparse.Namespace:
         action="append",
         default=[],
         metavar="NAME=JSON",
-        help="a regime NAME (list it in --regimes): Evo's fields replaced by a JSON object, "
-        'e.g. w02=\'{"bound_weights": {"block0": 0.2}}\'',
+        help="a regime NAME (list it in --regimes): Evo's fields (or those of the preset named "
+        'by "base") replaced by a JSON object, e.g. w02=\'{"bound_weights": {"block0": 0.2}}\'',
     )
     training_arguments(p, "runs/balance", steps=400, length=128, lr=2e-3, repeats=1)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--schedule", default="cosine", help="noise schedule of every model")
+    p.add_argument("--self-condition", action="store_true", help="self-conditioned networks")
+    p.add_argument("--output-prior", action="store_true", help="networks with the output prior")
     p.add_argument("--steps-per-block", type=int, default=0, help="0: the regime's own")
     p.add_argument("--eval-steps", type=int, nargs="+", default=[16])
     p.add_argument("--grad-batches", type=int, default=2, help="0: skip the gradient rows")

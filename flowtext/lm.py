@@ -346,7 +346,8 @@ class FlowLM(L.LightningModule):
 
         Returns:
             ``(loss, logs)``: the scalar loss (weighted ELBO nats per token + weighted AR bound +
-            weighted difficulty loss) and values to log (unweighted bounds in bits per token).
+            weighted denoiser cross-entropy + weighted difficulty loss) and values to log
+            (unweighted bounds in bits per token).
         """
         regime = self.regime
         is_ar = _is_ar(bound, tokens.shape[1])
@@ -369,6 +370,11 @@ class FlowLM(L.LightningModule):
             ar = terms.nats
         if ar is not None:
             logs["train/ar_bpt"] = ar.mean().detach() / LN2
+        if regime.ce_weight > 0 and not is_ar:
+            scored = terms.scored.to(terms.ce.dtype)
+            ce = (terms.ce * scored).sum() / scored.sum().clamp_min(1.0)
+            loss = loss + regime.ce_weight * _trained(ce, regime.normalize)
+            logs["train/ce_bpt"] = ce.detach() / LN2
         if regime.difficulty_weight > 0:
             dl = terms.difficulty_loss()
             loss = loss + regime.difficulty_weight * dl

@@ -85,8 +85,9 @@ class LossTerms:
             over tokens estimates ``-log p(x)`` (upper bound) in nats. An estimator asked for
             ``draws > 1`` returns ``[draws * B, L]`` (copy-major: draw ``c`` of row ``r`` is
             row ``c * B + r``), as are ``ce``, ``scored``, ``t`` and ``difficulty``.
-        ce: Cross-entropy of committing each scored token at the evaluated state (detached),
-            ``[B, L]``: the target of the progression-time (difficulty) head.
+        ce: Cross-entropy of committing each scored token at the evaluated state, ``[B, L]``,
+            with its gradient (a regime's ``ce_weight`` trains it; detach it where it is a
+            target, as the progression-time (difficulty) head's loss does).
         scored: Which tokens were evaluated at a non-committed state, ``[B, L]`` bool.
         ar_nats: The exact AR bound of the batch per token ``[B, L]`` (prior included; one
             row per sequence, whatever the draws), when the estimator was asked for it
@@ -130,7 +131,7 @@ class LossTerms:
     def difficulty_loss(self) -> Tensor:
         """Mean squared error of the difficulty head on the scored tokens (scalar)."""
         m = self.scored.float()
-        err = (self.difficulty - self.ce) ** 2
+        err = (self.difficulty - self.ce.detach()) ** 2
         return (err * m).sum() / m.sum().clamp_min(1.0)
 
 
@@ -507,7 +508,7 @@ def autoregressive_loss(net, tokens: Tensor, schedule: NoiseSchedule) -> LossTer
     out = net(x_emb, x_emb.new_zeros(b, length), pos, pos, **no_estimate)  # no live token
     ce, nats = _ar_terms(net, tokens, x_emb, out.logits, schedule)
     scored = torch.ones_like(tokens, dtype=torch.bool)
-    return LossTerms(nats=nats, ce=ce.detach(), difficulty=None, scored=scored, ar_nats=nats)
+    return LossTerms(nats=nats, ce=ce, difficulty=None, scored=scored, ar_nats=nats)
 
 
 def _check_tokens(tokens: Tensor) -> None:
@@ -674,7 +675,7 @@ def single_stream_loss(
     )
     ar_nats = autoregressive_loss(net, sequences, schedule).nats if ar else None
     prior = prior_kl(x_emb, schedule)
-    terms = LossTerms(nats=n_steps * nats + prior, ce=ce.detach(), scored=t_prev > 0,
+    terms = LossTerms(nats=n_steps * nats + prior, ce=ce, scored=t_prev > 0,
                       difficulty=lambda: out.difficulty, ar_nats=ar_nats, t=t_prev)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
 
@@ -777,7 +778,7 @@ def two_stream_loss(
     nats, ce = _step_nats(net, own, logits, tokens, x_emb, step, schedule, reverse, generator)
     everyone = torch.ones_like(tokens, dtype=torch.bool)
     prior = prior_kl(x_emb, schedule)
-    terms = LossTerms(nats=m * nats + prior, ce=ce.detach(), scored=everyone, t=t_prev,
+    terms = LossTerms(nats=m * nats + prior, ce=ce, scored=everyone, t=t_prev,
                       difficulty=lambda: out.difficulty[:, noisy], ar_nats=ar_nats)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
 

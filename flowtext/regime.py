@@ -97,6 +97,13 @@ class TrainingRegime:
     ar_weight: float = 0.0
     """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
     the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""
+    ce_weight: float = 0.0
+    """Weight of the drawn bound's denoiser cross-entropy added to the loss: the mean commit
+    cross-entropy ``-log p(x | z_t)`` of the tokens at their evaluated states (not added when
+    the AR bound is drawn, which is one already). A proper scoring rule at every ``t``, with the
+    same minimizer as the bound and far less gradient noise than its ``K``-weighted one-step
+    KL; with the bound's own weight at 0 (``bound_weights``) the bound trains by cross-entropy
+    alone (theory §3h). Never reported as bits."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
@@ -148,7 +155,7 @@ class TrainingRegime:
         widths = self.diagonal_widths
         if fraction > 0 and (not widths or not all(math.isfinite(w) and w > 0 for w in widths)):
             raise ConfigError(f"diagonal_widths must be positive numbers, got {list(widths)}")
-        for name in ("difficulty_weight", "ar_weight"):
+        for name in ("difficulty_weight", "ar_weight", "ce_weight"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
@@ -189,8 +196,20 @@ class TrainingRegime:
 
     @classmethod
     def diffusion(cls, steps_per_block: int = 64) -> TrainingRegime:
-        """Pure diffusion: one block over the whole sequence, ``steps_per_block`` steps."""
-        return cls(block_sizes=(0,), steps_per_block=steps_per_block)
+        """Pure diffusion: one block over the whole sequence with the mixture reverse step.
+
+        Each batch draws its steps from 4 to 64 (``step_choices``), as Evo does;
+        ``steps_per_block`` is the bound :meth:`block_bound` names. At 400 equal steps this
+        scored 4.6-4.9 bits/byte at 4, 16 and 64 synchronous steps, where the Gaussian-mean step
+        on one 64-step grid scored 13.6, 6.5 and 52 (docs/results.md, "The diffusion special
+        case's recipe").
+        """
+        return cls(
+            block_sizes=(0,),
+            steps_per_block=steps_per_block,
+            step_choices=(4, 8, 16, 32, 64),
+            reverse="mixture",
+        )
 
     @classmethod
     def evo(cls) -> TrainingRegime:

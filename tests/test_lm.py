@@ -169,6 +169,40 @@ def test_normalize_trains_the_log_of_each_term_and_reports_the_bound():
     torch.testing.assert_close(got, want, rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("label", ["block0", "block4", "diagonal", "block1"])
+def test_ce_weight_adds_the_denoiser_cross_entropy_of_the_drawn_states(label):
+    """``ce_weight`` adds w x the mean commit cross-entropy of the evaluated states, read from
+    the same network call as the bound (the same noise), and leaves every logged bound alone."""
+    tokens = torch.randint(0, 13, (3, 12))
+    bound = next(
+        b for s in range(100)
+        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
+    )  # fmt: skip
+    base, elbo, ar = _terms(_evo(), tokens, bound)
+    model = _evo(ce_weight=0.5)
+    model._gen.manual_seed(0)
+    loss, logs = model.bound_loss(tokens, bound)
+    torch.testing.assert_close(logs["train/elbo_bpt"] * math.log(2), elbo)
+    torch.testing.assert_close(logs["train/ar_bpt"] * math.log(2), ar)
+    if label == "block1":  # the AR bound is a cross-entropy already: nothing is added
+        torch.testing.assert_close(loss, base)
+        assert "train/ce_bpt" not in logs
+        return
+    model._gen.manual_seed(0)
+    terms = model.policy_bound(tokens, bound.policy, bound.steps, ar=True, difficulty=True)
+    scored = terms.scored.double()
+    ce = (terms.ce * scored).sum() / scored.sum()
+    assert 0 < float(ce.detach()) < float(terms.nats.mean().detach())  # the commit CE, not the K-weighted bound
+    torch.testing.assert_close(loss - base, 0.5 * ce, rtol=1e-9, atol=1e-9)
+    torch.testing.assert_close(logs["train/ce_bpt"] * math.log(2), ce.detach())
+    # trained by cross-entropy alone: the bound's weight 0, the gradient is the CE's
+    alone = _evo(ce_weight=1.0, ar_weight=0.0, difficulty_weight=0.0, bound_weights={label: 0.0})
+    alone._gen.manual_seed(0)
+    only, _ = alone.bound_loss(tokens, bound)
+    torch.testing.assert_close(only, ce.detach(), rtol=1e-9, atol=1e-9)
+    assert float(torch.autograd.grad(only, alone.net.readout.weight)[0].abs().sum()) > 0
+
+
 def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
     tokens = torch.randint(0, 13, (3, 12))
     model = _evo(noise_draws=3, difficulty_weight=0.0)
@@ -242,6 +276,7 @@ def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(la
         (dict(single_stream_fraction=0.5, diagonal_steps=0), "diagonal_steps"),
         (dict(difficulty_weight=-1.0), "difficulty_weight"),
         (dict(ar_weight=float("nan")), "ar_weight"),
+        (dict(ce_weight=-0.5), "ce_weight"),
         (dict(step_sampling="sobol"), "step_sampling"),
         (dict(reverse="laplace"), "reverse step"),
         (dict(bound_weights={"blok1": 1.0}), "unknown bound label"),
