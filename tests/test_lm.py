@@ -192,7 +192,8 @@ def test_ce_weight_adds_the_denoiser_cross_entropy_of_the_drawn_states(label):
     terms = model.policy_bound(tokens, bound.policy, bound.steps, ar=True, difficulty=True)
     scored = terms.scored.double()
     ce = (terms.ce * scored).sum() / scored.sum()
-    assert 0 < float(ce.detach()) < float(terms.nats.mean().detach())  # the commit CE, not the K-weighted bound
+    # the commit cross-entropy, not the K-weighted bound
+    assert 0 < float(ce.detach()) < float(terms.nats.mean().detach())
     torch.testing.assert_close(loss - base, 0.5 * ce, rtol=1e-9, atol=1e-9)
     torch.testing.assert_close(logs["train/ce_bpt"] * math.log(2), ce.detach())
     # trained by cross-entropy alone: the bound's weight 0, the gradient is the CE's

@@ -467,7 +467,9 @@ def test_config_is_jsonargparse_friendly():
 def test_public_api():
     import flowtext.nn as nn_pkg
 
-    public = "FlowNetwork FlowNetworkConfig FlowOutput FlowTransformer FlowTransformerConfig KVCache"
+    public = (
+        "FlowNetwork FlowNetworkConfig FlowOutput FlowTransformer FlowTransformerConfig KVCache"
+    )
     assert sorted(nn_pkg.__all__) == public.split()
     assert all(getattr(nn_pkg, name).__doc__ for name in nn_pkg.__all__)  # documented
     assert isinstance(MODEL.new_cache(1), KVCache)

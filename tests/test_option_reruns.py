@@ -79,6 +79,7 @@ def test_visibility_and_cache_exactness(option, monkeypatch):
 
 def test_null_logits(option, monkeypatch):
     """The lean null query computes forward's logits and gradients, option on."""
+
     def perturbed_net(seed=0, output_prior=False, **overrides):  # the option sets its own
         return OPTIONS[option](seed, **overrides)
 
