@@ -351,12 +351,13 @@ class FlowLM(L.LightningModule):
         """
         regime = self.regime
         is_ar = _is_ar(bound, tokens.shape[1])
+        difficulty = regime.difficulty_weight > 0 and (regime.difficulty_on_ar or not is_ar)
         terms = self.policy_bound(
             tokens,
             bound.policy,
             bound.steps,
             ar=regime.ar_weight > 0,
-            difficulty=regime.difficulty_weight > 0,
+            difficulty=difficulty,
             draws=1 if is_ar else regime.noise_draws,
         )
         self.feed_schedule(terms)
@@ -375,7 +376,7 @@ class FlowLM(L.LightningModule):
             ce = (terms.ce * scored).sum() / scored.sum().clamp_min(1.0)
             loss = loss + regime.ce_weight * _trained(ce, regime.normalize)
             logs["train/ce_bpt"] = ce.detach() / LN2
-        if regime.difficulty_weight > 0:
+        if difficulty:
             dl = terms.difficulty_loss()
             loss = loss + regime.difficulty_weight * dl
             logs["train/difficulty_mse"] = dl

@@ -94,6 +94,11 @@ class TrainingRegime:
     stratified over the batch (lower variance) or independent uniforms."""
     difficulty_weight: float = 0.0
     """Weight of the progression-time head's regression loss added to the ELBO (0 = untrained)."""
+    difficulty_on_ar: bool = True
+    """Whether a drawn AR bound (``block1``) also scores its noisy stream, all tokens at
+    ``t = 1`` after a clean prefix, to train the progression-time head: two streams of ``L``
+    tokens, twice the cost of the AR bound alone. False: AR draws run one causal stream and the
+    head trains on the other draws only."""
     ar_weight: float = 0.0
     """Weight of the exact AR bound added on every batch, whatever bound is drawn (read from
     the clean stream of two-stream batches; 0 = only when AR itself is drawn)."""

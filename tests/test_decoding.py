@@ -601,6 +601,28 @@ def test_ancestral_mixture_under_autoregressive_is_ar_sampling():
     assert sync["ancestral-mixture"] != sync["ancestral"]  # the solver matters off AR
 
 
+def test_the_temperature_reaches_a_named_token_drawing_solver():
+    """``temperature`` (and ``greedy``) set the draws of ``ancestral-mixture`` given by name."""
+    from flowtext.solvers import AncestralMixture
+
+    common = dict(prompt=[[1, 2], [3]], length=8, policy="synchronous", steps=4)
+
+    def run(solver, **kw):
+        return generate(NET, SCHED, solver=solver, generator=[gen(40), gen(41)], **common, **kw)
+
+    for temperature in (0.3, 1.7):
+        named = run("ancestral-mixture", temperature=temperature).tokens
+        assert (
+            named == run(AncestralMixture(temperature=temperature), temperature=temperature).tokens
+        )
+        assert named != run(AncestralMixture(), temperature=temperature).tokens  # it matters
+    greedy = run("ancestral-mixture", greedy=True).tokens
+    assert greedy == run(AncestralMixture(temperature=0.0), greedy=True).tokens
+    # an instance keeps its own temperature whatever the decoder's
+    mine = run(AncestralMixture(temperature=0.3), temperature=1.0).tokens
+    assert mine != run("ancestral-mixture", temperature=1.0).tokens
+
+
 def test_layers_point_down_at_import_time():
     code = (
         "import sys\n"

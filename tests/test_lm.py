@@ -204,6 +204,25 @@ def test_ce_weight_adds_the_denoiser_cross_entropy_of_the_drawn_states(label):
     assert float(torch.autograd.grad(only, alone.net.readout.weight)[0].abs().sum()) > 0
 
 
+def test_difficulty_on_ar_off_trains_ar_draws_on_one_causal_stream():
+    """An AR draw without the head's noisy stream: the same bound, one pass of L tokens."""
+    tokens = torch.randint(0, 13, (3, 12))
+    bound = TrainingRegime.evo().block_bound(1, 12)
+    on, off = _evo(), _evo(difficulty_on_ar=False)
+    widths: list[int] = []
+    off.net.register_forward_hook(lambda mod, args, out: widths.append(args[0].shape[1]))
+    loss_on, logs_on = on.bound_loss(tokens, bound)
+    loss_off, logs_off = off.bound_loss(tokens, bound)
+    assert widths == [12]  # one causal stream, not the two-stream 2L
+    assert "train/difficulty_mse" not in logs_off
+    torch.testing.assert_close(logs_off["train/ar_bpt"], logs_on["train/ar_bpt"])
+    head = on.regime.difficulty_weight * logs_on["train/difficulty_mse"]
+    torch.testing.assert_close(loss_off, loss_on - head, rtol=1e-9, atol=1e-9)
+    # other draws still train the head
+    _, logs = off.bound_loss(tokens, TrainingRegime.evo().block_bound(4, 12))
+    assert "train/difficulty_mse" in logs
+
+
 def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
     tokens = torch.randint(0, 13, (3, 12))
     model = _evo(noise_draws=3, difficulty_weight=0.0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -86,7 +87,10 @@ def check_settings(
     if fixed_order not in ("causal", "joint"):
         raise ConfigError(f"fixed_order must be 'causal' or 'joint', got {fixed_order!r}")
     policy = _resolve_policy(policy, policy_kwargs)
-    solver = _solvers.resolve(solver)
+    greedy = bool(greedy) or temperature == 0
+    named, solver = isinstance(solver, str), _solvers.resolve(solver)
+    if named and hasattr(solver, "temperature"):  # its token draws follow the temperature
+        solver = dataclasses.replace(solver, temperature=0.0 if greedy else temperature)
     if not solver.per_token:
         raise ConfigError(
             f"decoding needs a solver that steps per-token times (the Runge–Kutta solvers, "
@@ -95,7 +99,6 @@ def check_settings(
     schedule = _schedules.resolve(schedule)
     if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < vocab):
         raise ConfigError(f"eos_id must be an id in [0, {vocab}), got {eos_id!r}")
-    greedy = bool(greedy) or temperature == 0
     return Settings(
         length, steps, policy, solver, schedule, temperature, top_p, greedy, eos_id,
         fixed_order, bool(use_cache), bool(record),

@@ -67,8 +67,12 @@ def generate(
         policy_kwargs: Constructor arguments when ``policy`` is a name.
         steps: Global steps (``None`` = ``length``): the grid of a static policy, the budget of
             ``adaptive``.
-        solver: ``euler``, ``heun``, ``midpoint``, ``rk4`` or ``ancestral`` (name or instance).
-        temperature: Commit temperature ``>= 0`` (0 = greedy).
+        solver: ``euler``, ``heun``, ``midpoint``, ``rk4``, ``ancestral`` or
+            ``ancestral-mixture`` (name or instance).
+        temperature: Temperature ``>= 0`` (0 = greedy) of the commits and, for a solver given
+            by name that draws tokens (``ancestral-mixture``), of its draws at every step (an
+            instance keeps its own). The deterministic solvers' paths do not read it: with
+            them it acts at the commit only, where the state has mostly decided the token.
         top_p: Nucleus mass in ``(0, 1]``.
         greedy: Commit the argmax.
         generator: A ``torch.Generator``, or one per row (then each row's draws do not depend
