@@ -34,7 +34,14 @@ from flowtext import schedules as _schedules
 from flowtext.errors import ConfigError, NonFiniteError
 from flowtext.nn import FlowNetwork, FlowTransformer, FlowTransformerConfig
 from flowtext.nn.latents import prior_from_counts
-from flowtext.objectives import LN2, LossTerms, single_stream_loss, two_stream_loss, with_t_min
+from flowtext.objectives import (
+    LN2,
+    LossTerms,
+    autoregressive_loss,
+    single_stream_loss,
+    two_stream_loss,
+    with_t_min,
+)
 from flowtext.regime import DrawnBound, TrainingRegime, block_bound
 from flowtext.schedules import InfoUniform
 
@@ -334,7 +341,8 @@ class FlowLM(L.LightningModule):
         """The training loss of one batch on a given bound, as the regime weighs it.
 
         The bound is estimated with :meth:`policy_bound` (with ``noise_draws`` draws per
-        sequence unless it is the AR bound, the exact AR term computed once) and weighted by
+        sequence unless it is the AR bound, the exact AR term computed once; a non-AR bound
+        on the regime's :meth:`~TrainingRegime.bound_rows` first rows) and weighted by
         :meth:`TrainingRegime.weight`; with ``ar_weight > 0`` the exact AR bound of the same
         batch is added, whatever was drawn (``train/ar_bpt`` is logged whenever the AR bound is
         known). With ``normalize`` each term trains as the log of its value. Noise and times come
@@ -352,8 +360,9 @@ class FlowLM(L.LightningModule):
         regime = self.regime
         is_ar = _is_ar(bound, tokens.shape[1])
         difficulty = regime.difficulty_weight > 0 and (regime.difficulty_on_ar or not is_ar)
+        rows = tokens.shape[0] if is_ar else regime.bound_rows(tokens.shape[0])
         terms = self.policy_bound(
-            tokens,
+            tokens[:rows],
             bound.policy,
             bound.steps,
             ar=regime.ar_weight > 0,
@@ -365,6 +374,9 @@ class FlowLM(L.LightningModule):
         loss = regime.weight(bound.label) * _trained(elbo, regime.normalize)
         logs = {"train/elbo_bpt": elbo / LN2, f"train/elbo_bpt_{bound.label}": elbo / LN2}
         ar = terms.ar_nats
+        if ar is not None and rows < tokens.shape[0]:  # the other rows: one causal stream
+            rest = autoregressive_loss(self.net, tokens[rows:], self.schedule).nats
+            ar = torch.cat([ar, rest])
         if ar is not None:
             loss = loss + regime.ar_weight * _trained(ar.mean(), regime.normalize)
         elif is_ar:

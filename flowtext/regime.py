@@ -109,6 +109,11 @@ class TrainingRegime:
     same minimizer as the bound and far less gradient noise than its ``K``-weighted one-step
     KL; with the bound's own weight at 0 (``bound_weights``) the bound trains by cross-entropy
     alone (theory §3h). Never reported as bits."""
+    bound_row_fraction: float = 1.0
+    """Fraction of each batch's rows (at least one) on which a drawn bound other than AR is
+    estimated; the AR term (``ar_weight > 0``) still covers every row, the others as one causal
+    stream of ``L`` tokens. Below 1 a batch costs less than two streams per row, so at equal
+    wall time the AR term sees more data and the other bounds less."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
@@ -164,6 +169,14 @@ class TrainingRegime:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        rows = self.bound_row_fraction
+        if not (isinstance(rows, (int, float)) and 0 < rows <= 1):
+            raise ConfigError(f"bound_row_fraction must lie in (0, 1], got {rows!r}")
+        if rows < 1 and self.ar_weight == 0:
+            raise ConfigError(
+                "bound_row_fraction < 1 needs ar_weight > 0: the rows without the drawn bound "
+                "would train nothing"
+            )
         if self.step_sampling not in STEP_SAMPLINGS:
             raise ConfigError(
                 f"unknown step_sampling {self.step_sampling!r}; valid: {', '.join(STEP_SAMPLINGS)}"
@@ -278,6 +291,10 @@ class TrainingRegime:
             k = int(torch.randint(len(self.step_choices), (1,), generator=generator))
             m = self.step_choices[k]
         return block_bound(self.block_sizes[i], m, length)
+
+    def bound_rows(self, batch: int) -> int:
+        """Rows of a ``batch``-row batch that estimate a drawn non-AR bound (the first ones)."""
+        return max(1, min(batch, round(self.bound_row_fraction * batch)))
 
     def weight(self, label: str) -> float:
         """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""

@@ -223,6 +223,29 @@ def test_difficulty_on_ar_off_trains_ar_draws_on_one_causal_stream():
     assert "train/difficulty_mse" in logs
 
 
+@pytest.mark.parametrize("label", ["block0", "block4", "diagonal"])
+def test_bound_row_fraction_estimates_the_drawn_bound_on_the_first_rows_only(label):
+    """The drawn bound on the first rows (the same estimate as on those rows alone), the exact
+    AR term on every row; an AR draw keeps the whole batch."""
+    tokens = torch.randint(0, 13, (4, 12))
+    bound = next(
+        b for s in range(100)
+        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
+    )  # fmt: skip
+    model = _evo(bound_row_fraction=0.5, difficulty_weight=0.0)
+    widths: list[tuple[int, int]] = []
+    model.net.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape[:2])))
+    loss = _terms(model, tokens, bound)[0]
+    assert all(b == 2 for b, _ in widths[:-1]) and widths[-1] == (2, 12)  # the rest: causal
+    _, elbo, ar = _terms(_evo(difficulty_weight=0.0), tokens[:2], bound)
+    full_ar = autoregressive_loss(model.net, tokens, model.schedule).nats.mean()
+    torch.testing.assert_close(loss, model.regime.weight(label) * elbo + full_ar)
+    assert model.regime.bound_rows(4) == 2 and model.regime.bound_rows(1) == 1
+    ar_draw = TrainingRegime.evo().block_bound(1, 12)
+    whole, _ = model.bound_loss(tokens, ar_draw)
+    torch.testing.assert_close(whole, 2 * full_ar)  # AR drawn + the AR term, all four rows
+
+
 def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
     tokens = torch.randint(0, 13, (3, 12))
     model = _evo(noise_draws=3, difficulty_weight=0.0)
@@ -297,6 +320,8 @@ def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(la
         (dict(difficulty_weight=-1.0), "difficulty_weight"),
         (dict(ar_weight=float("nan")), "ar_weight"),
         (dict(ce_weight=-0.5), "ce_weight"),
+        (dict(bound_row_fraction=0.0, ar_weight=1.0), "bound_row_fraction"),
+        (dict(bound_row_fraction=0.5), "ar_weight > 0"),
         (dict(step_sampling="sobol"), "step_sampling"),
         (dict(reverse="laplace"), "reverse step"),
         (dict(bound_weights={"blok1": 1.0}), "unknown bound label"),
