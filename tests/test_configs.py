@@ -3,8 +3,10 @@
 from pathlib import Path
 
 import pytest
+import yaml
 
 from flowtext.lm import FlowLM
+from flowtext.regime import TrainingRegime
 from flowtext.training import cli_main
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "experiments" / "configs").glob("*.yaml"))
@@ -27,3 +29,16 @@ def test_config_instantiates(path, tmp_path):
 def test_unknown_option_is_an_error(tmp_path, capsys):
     with pytest.raises(SystemExit):
         cli_main(["--config", str(CONFIGS[0]), "--model.init_args.no_such_option=3"], run=False)
+
+
+@pytest.mark.parametrize(
+    "name, preset",
+    [("ar-tiny", "autoregressive"), ("diffusion-tiny", "diffusion"), ("evo-tiny", "evo")],
+)
+def test_a_tiny_config_spells_out_its_modules_default_regime(name, preset):
+    """The comment "TrainingRegime.<preset>(), spelled out" stays true when a preset changes."""
+    path = next(p for p in CONFIGS if p.stem == name)
+    text = path.read_text()
+    assert f"TrainingRegime.{preset}(), spelled out" in text
+    regime = yaml.safe_load(text)["model"]["init_args"]["regime"]
+    assert TrainingRegime(**regime) == getattr(TrainingRegime, preset)()
