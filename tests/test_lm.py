@@ -134,6 +134,14 @@ def _evo(**fields) -> FlowLM:
     return model
 
 
+def _drawn(label: str, length: int = 12):
+    """The first bound labelled ``label`` that Evo's regime draws (seeds 0, 1, ...)."""
+    return next(
+        b for s in range(100)
+        if (b := TrainingRegime.evo().draw(length, torch.Generator().manual_seed(s))).label == label
+    )  # fmt: skip
+
+
 def _terms(model, tokens, bound, seed=0):
     model._gen.manual_seed(seed)
     loss, logs = model.bound_loss(tokens, bound)
@@ -143,10 +151,7 @@ def _terms(model, tokens, bound, seed=0):
 @pytest.mark.parametrize("label", ["block0", "block4", "diagonal"])
 def test_bound_weights_scale_the_drawn_term_and_only_it(label):
     tokens = torch.randint(0, 13, (3, 12))
-    bound = next(
-        b for s in range(100)
-        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
-    )  # fmt: skip
+    bound = _drawn(label)
     base, elbo, ar = _terms(_evo(), tokens, bound)
     scaled, elbo2, ar2 = _terms(_evo(bound_weights={label: 0.25, "block1": 3.0}), tokens, bound)
     torch.testing.assert_close(elbo2, elbo)  # the logged bound is never weighted
@@ -174,10 +179,7 @@ def test_ce_weight_adds_the_denoiser_cross_entropy_of_the_drawn_states(label):
     """``ce_weight`` adds w x the mean commit cross-entropy of the evaluated states, read from
     the same network call as the bound (the same noise), and leaves every logged bound alone."""
     tokens = torch.randint(0, 13, (3, 12))
-    bound = next(
-        b for s in range(100)
-        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
-    )  # fmt: skip
+    bound = _drawn(label)
     base, elbo, ar = _terms(_evo(), tokens, bound)
     model = _evo(ce_weight=0.5)
     model._gen.manual_seed(0)
@@ -228,10 +230,7 @@ def test_bound_row_fraction_estimates_the_drawn_bound_on_the_first_rows_only(lab
     """The drawn bound on the first rows (the same estimate as on those rows alone), the exact
     AR term on every row; an AR draw keeps the whole batch."""
     tokens = torch.randint(0, 13, (4, 12))
-    bound = next(
-        b for s in range(100)
-        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
-    )  # fmt: skip
+    bound = _drawn(label)
     model = _evo(bound_row_fraction=0.5, difficulty_weight=0.0)
     widths: list[tuple[int, int]] = []
     model.net.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape[:2])))
@@ -273,10 +272,7 @@ def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(la
     import flowtext.objectives as objectives
 
     tokens = torch.randint(0, 13, (3, 12), generator=torch.Generator().manual_seed(1))
-    bound = next(
-        b for s in range(100)
-        if (b := TrainingRegime.evo().draw(12, torch.Generator().manual_seed(s))).label == label
-    )  # fmt: skip
+    bound = _drawn(label)
     model = _evo(noise_draws=3, difficulty_weight=0.5, ar_weight=0.7)
     ar_rows: list[int] = []
     plain_ar = objectives.autoregressive_loss
