@@ -384,8 +384,7 @@ class FlowLM(L.LightningModule):
         if ar is not None:
             logs["train/ar_bpt"] = ar.mean().detach() / LN2
         if regime.ce_weight > 0 and not is_ar:
-            scored = terms.scored.to(terms.ce.dtype)
-            ce = (terms.ce * scored).sum() / scored.sum().clamp_min(1.0)
+            ce = terms.scored_mean(terms.ce)
             loss = loss + regime.ce_weight * _trained(ce, regime.normalize)
             logs["train/ce_bpt"] = ce.detach() / LN2
         if difficulty:

@@ -128,11 +128,14 @@ class LossTerms:
             self._difficulty = self._difficulty()
         return self._difficulty
 
+    def scored_mean(self, values: Tensor) -> Tensor:
+        """Mean of per-token ``values [B, L]`` over the scored tokens (scalar; 0 if none)."""
+        m = self.scored.to(values.dtype)
+        return (values * m).sum() / m.sum().clamp_min(1.0)
+
     def difficulty_loss(self) -> Tensor:
         """Mean squared error of the difficulty head on the scored tokens (scalar)."""
-        m = self.scored.float()
-        err = (self.difficulty - self.ce.detach()) ** 2
-        return (err * m).sum() / m.sum().clamp_min(1.0)
+        return self.scored_mean((self.difficulty - self.ce.detach()) ** 2)
 
 
 def stratified_uniform(n: int, *, generator: torch.Generator | None = None, device=None) -> Tensor:
