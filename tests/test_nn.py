@@ -11,7 +11,7 @@ from hypothesis import strategies as st
 from flowtext.attention import LIVE, two_stream_layout
 from flowtext.errors import ConfigError, DataError, ShapeError, TimeRangeError
 from flowtext.nn import FlowOutput, FlowTransformer, FlowTransformerConfig, KVCache
-from flowtext.nn.layers import LowRankModulation
+from flowtext.nn.layers import LowRankModulation, widening_linear
 
 from ._nets import tiny
 
@@ -592,3 +592,43 @@ def test_null_logits_equal_the_lone_null_token_forward(output_prior):
         a, b = zero if a is None else a, zero if b is None else b
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
     assert g_lean[0] is None  # the token table is not read
+
+
+@pytest.mark.parametrize("bias", [True, False])
+@pytest.mark.parametrize("needs", [(True, True), (True, False), (False, True)])
+def test_widening_linear_gives_linears_values_and_gradients(bias, needs):
+    """The fast-backward up-projection equals nn.Linear in value and in every gradient."""
+    gen = torch.Generator().manual_seed(0)
+    linear = torch.nn.Linear(3, 20, bias=bias).double()
+    x = torch.randn(2, 5, 3, generator=gen, dtype=torch.float64, requires_grad=needs[0])
+    linear.weight.requires_grad_(needs[1])
+    g = torch.randn(2, 5, 20, generator=gen, dtype=torch.float64)
+    wanted = [t for t in (x, linear.weight, linear.bias) if t is not None and t.requires_grad]
+    ref = linear(x)
+    fast = widening_linear(x, linear)
+    assert torch.equal(ref, fast)
+    for a, b in zip(torch.autograd.grad(ref, wanted, g), torch.autograd.grad(fast, wanted, g)):
+        torch.testing.assert_close(a, b, rtol=1e-12, atol=1e-12)
+    with torch.no_grad():  # no gradient recorded: plain nn.Linear
+        assert torch.equal(widening_linear(x, linear), ref.detach())
+    assert torch.autograd.gradcheck(
+        lambda a: widening_linear(a, linear), (x.detach().requires_grad_(),)
+    )
+
+
+def test_modulation_benchmark_runs_and_restores_the_fast_path(capsys):
+    import importlib.util
+    import pathlib
+
+    import flowtext.nn.layers as layers
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "modulation.py"
+    spec = importlib.util.spec_from_file_location("modulation_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = layers.widening_linear
+    bench.main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    assert [line.split(":")[0] for line in lines] == ["up", "step"]
+    assert all(float(line.rsplit("= ", 1)[1]) > 0 for line in lines)
+    assert layers.widening_linear is before
