@@ -111,6 +111,47 @@ def test_causal_fast_path_is_exact_and_never_fires_wrongly(seed, b, n, kind):
     torch.testing.assert_close(sdpa_attention(q, k, v, t, o, t, o), ref)
 
 
+@settings(max_examples=60, deadline=None)
+@given(
+    seed=st.integers(0, 2**16),
+    b=st.integers(1, 3),
+    n=st.integers(1, 9),
+    block=st.integers(1, 4),
+    kind=st.sampled_from(["two-stream", "two-stream", "ties", "committed-tail", "odd", "noise"]),
+)
+def test_split_fast_path_is_exact_and_never_fires_wrongly(seed, b, n, block, kind):
+    """``"split"`` fires on a committed causal half + a live half; output and gradients match."""
+    gen = torch.Generator().manual_seed(seed)
+    ids = (torch.arange(n) // block).expand(b, n)
+    t_noisy = torch.rand(b, n, generator=gen, dtype=torch.float64).clamp(1e-3, 1.0)
+    if kind == "noise":  # tokens at t = 1 are live too
+        t_noisy[:, 0] = 1.0
+    t, o = two_stream_layout(ids, t_noisy)
+    if kind == "ties" and n > 1:
+        o[:, 1] = o[:, 0]
+    if kind == "committed-tail":
+        t[:, -1] = 0.0
+    if kind == "odd":  # one extra committed key in front: the halves no longer line up
+        t, o = torch.cat([t.new_zeros(b, 1), t], 1), torch.cat([o.new_zeros(b, 1) - 1, o], 1)
+    got = sdpa_layout(t, o, t, o)
+    fires = kind in ("two-stream", "noise") or (kind == "ties" and n == 1)
+    assert (got.kind == "split") == fires
+    length = t.shape[1]
+    mask = visibility_mask(t, o, t, o)
+    if fires:
+        torch.testing.assert_close(got.mask[:, 0], mask[:, length // 2 :], rtol=0, atol=0)
+    q, k, v = (
+        torch.randn(b, 2, length, 4, generator=gen, dtype=torch.float64, requires_grad=True)
+        for _ in range(3)
+    )
+    g = torch.randn(b, 2, length, 4, generator=gen, dtype=torch.float64)
+    ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
+    out = sdpa_attention(q, k, v, t, o, t, o, layout=got)
+    torch.testing.assert_close(out, ref)
+    for a, c in zip(torch.autograd.grad(out, (q, k, v), g), torch.autograd.grad(ref, (q, k, v), g)):
+        torch.testing.assert_close(a, c)
+
+
 @pytest.mark.parametrize("block", [1, 2, 3, 8])
 def test_two_stream_clean_stream_is_causal_and_noisy_blocks_see_earlier_blocks(block):
     n = 7
@@ -183,7 +224,7 @@ def test_one_plan_per_forward_gives_the_per_layer_results(monkeypatch, kind):
 
 
 def test_sdpa_layout_kinds_and_reuse_match_the_mask():
-    """``sdpa_layout`` picks dense / causal / mask as the dense mask says, and reuse is exact."""
+    """``sdpa_layout`` picks dense / causal / split / mask as the mask says; reuse is exact."""
     from flowtext.attention import plan_attention, sdpa_layout
 
     n = 6
@@ -191,17 +232,20 @@ def test_sdpa_layout_kinds_and_reuse_match_the_mask():
         "causal": (torch.zeros(2, n), torch.arange(n).expand(2, n)),
         "dense": (torch.full((2, n), 0.5), torch.zeros(2, n, dtype=torch.long)),
         "mask": layout(3, 2, n, 0.3, 0.2, 3),
+        "split": two_stream_layout((torch.arange(n) // 2).expand(2, n), torch.full((2, n), 0.5)),
     }
-    q, k, v = torch.randn(3, 2, 2, n, 4).unbind(0)
     for kind, (t, o) in cases.items():
         got = sdpa_layout(t, o, t, o)
         mask = visibility_mask(t, o, t, o)
+        m = t.shape[1]
         assert got.kind == kind
         assert bool(mask.all()) == (kind == "dense")
-        assert torch.equal(mask, torch.ones(n, n).tril().bool().expand_as(mask)) == (
+        assert torch.equal(mask, torch.ones(m, m).tril().bool().expand_as(mask)) == (
             kind == "causal"
         )
-        assert got.mask is None if kind != "mask" else torch.equal(got.mask[:, 0], mask)
+        rows = {"mask": mask, "split": mask[:, m // 2 :]}.get(kind)
+        assert got.mask is None if rows is None else torch.equal(got.mask[:, 0], rows)
+        q, k, v = torch.randn(3, 2, 2, m, 4).unbind(0)
         plan = plan_attention(t, o, t, o, backend="sdpa")
         ref = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])
         torch.testing.assert_close(attention(q, k, v, t, o, t, o, backend="sdpa", plan=plan), ref)
@@ -228,3 +272,23 @@ def test_plans_are_refused_for_other_vectors_or_backends():
         attention(q, q, q, t, o, t, o, backend="triton", plan=fresh)
     with pytest.raises(ConfigError, match="unknown attention backend"):
         plan_attention(t, o, t, o, backend="flash")
+
+
+def test_two_stream_benchmark_runs_and_restores_the_fast_paths(capsys):
+    import importlib.util
+    import pathlib
+
+    import flowtext.attention.reference as reference
+    import flowtext.nn.layers as layers
+
+    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "two_stream.py"
+    spec = importlib.util.spec_from_file_location("two_stream_bench", path)
+    bench = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(bench)
+    before = (layers.widening_linear, reference._split_flag)
+    bench.main(["--quick"])
+    lines = capsys.readouterr().out.strip().splitlines()
+    names = ["both on", "widening_linear off", "split off", "both off"]
+    assert [line.split(":")[0] for line in lines] == names
+    assert float(lines[0].rsplit(" ", 1)[1]) == 1.0
+    assert (layers.widening_linear, reference._split_flag) == before

@@ -614,21 +614,3 @@ def test_widening_linear_gives_linears_values_and_gradients(bias, needs):
     assert torch.autograd.gradcheck(
         lambda a: widening_linear(a, linear), (x.detach().requires_grad_(),)
     )
-
-
-def test_modulation_benchmark_runs_and_restores_the_fast_path(capsys):
-    import importlib.util
-    import pathlib
-
-    import flowtext.nn.layers as layers
-
-    path = pathlib.Path(__file__).resolve().parents[1] / "benchmarks" / "modulation.py"
-    spec = importlib.util.spec_from_file_location("modulation_bench", path)
-    bench = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(bench)
-    before = layers.widening_linear
-    bench.main(["--quick"])
-    lines = capsys.readouterr().out.strip().splitlines()
-    assert [line.split(":")[0] for line in lines] == ["up", "step"]
-    assert all(float(line.rsplit("= ", 1)[1]) > 0 for line in lines)
-    assert layers.widening_linear is before
