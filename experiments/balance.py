@@ -59,8 +59,9 @@ def build(name: str, dm, args) -> FlowLM:
     """A fresh model for regime ``name`` on ``dm``'s vocabulary (same initial weights for all)."""
     net = FlowTransformerConfig(
         vocab_size=dm.vocab_size, max_len=args.length, d_model=args.width, n_layers=args.layers,
-        n_heads=args.heads, d_embed=32, cond_dim=64, cond_rank=8, attention_backend="sdpa",
-        self_condition=args.self_condition, output_prior=args.output_prior,
+        n_heads=args.heads, d_embed=args.d_embed, cond_dim=64, cond_rank=8,
+        attention_backend="sdpa", self_condition=args.self_condition,
+        output_prior=args.output_prior,
     )  # fmt: skip
     regime = REGIMES[name]() if name in REGIMES else _variant(name, args.variant)
     if args.steps_per_block:
@@ -185,6 +186,7 @@ def parse(argv=None) -> argparse.Namespace:
     )
     training_arguments(p, "runs/balance", steps=400, length=128, lr=2e-3, repeats=1)
     p.add_argument("--heads", type=int, default=4)
+    p.add_argument("--d-embed", type=int, default=32, help="latent width of every network")
     p.add_argument("--schedule", default="cosine", help="noise schedule of every model")
     p.add_argument("--self-condition", action="store_true", help="self-conditioned networks")
     p.add_argument("--output-prior", action="store_true", help="networks with the output prior")

@@ -103,10 +103,10 @@ class _WideningLinear(torch.autograd.Function):
 def widening_linear(x: Tensor, linear: nn.Linear) -> Tensor:
     """``linear(x)`` for a narrow input ``x`` ``[..., r]`` (``r`` much below the output width).
 
-    The same values; on the CPU, when a gradient is recorded, the backward of
+    The same values; on the CPU, when a gradient is recorded (outside autocast), the backward of
     :class:`_WideningLinear` (its two products in the layouts the CPU GEMM runs fast).
     """
-    cpu = x.device.type == "cpu" and not _compiling()
+    cpu = x.device.type == "cpu" and not _compiling() and not torch.is_autocast_enabled("cpu")
     if cpu and torch.is_grad_enabled() and (x.requires_grad or linear.weight.requires_grad):
         return _WideningLinear.apply(x, linear.weight, linear.bias)
     return linear(x)
