@@ -151,7 +151,7 @@ class SdpaLayout:
 def sdpa_layout(
     t_q: torch.Tensor, o_q: torch.Tensor, t_k: torch.Tensor, o_k: torch.Tensor
 ) -> SdpaLayout:
-    """Which mask SDPA needs under the rule of :func:`visibility_mask`: none, causal, or dense.
+    """Which mask SDPA needs under the rule of :func:`visibility_mask`: none, causal, split, dense.
 
     Three sufficient checks, ``O(B (Lq + Lk))`` and one device sync together; the dense mask is
     built in full only when none holds. ``"dense"`` (every query sees every key: no mask): every
