@@ -114,8 +114,8 @@ class TrainingRegime:
     estimated; the AR term (``ar_weight > 0``) still covers every row, the others as one causal
     stream of ``L`` tokens. Below 1 a batch costs less than two streams per row, so at equal
     wall time the AR term sees more data and the other bounds less: a wall-clock setting (0.25
-    came within 5.4-5.7% of the AR model in 8 minutes, but scored worse on every bound at equal
-    steps; theory §3e)."""
+    came within 5.4-8.0% of the AR model in 8-10 minutes, but scored worse on every bound at
+    equal steps; theory §3e)."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
