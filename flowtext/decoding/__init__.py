@@ -4,6 +4,9 @@
   :class:`~flowtext.policies.Adaptive`), ODE (``euler``, ``heun``, ``midpoint``, ``rk4``) or
   ``ancestral`` steps, temperature / top-p / greedy commits, stop at EOS, infilling, exact KV
   cache.
+* :func:`speculative_generate` (``generate(policy="speculative")``): the model's own AR
+  distribution, with the noisy stream drafting the next tokens and the AR readout verifying them
+  in the same pass (:mod:`flowtext.decoding.speculative`).
 * :class:`DecodeState` and :func:`step`: the loop as a state and a step
   (:mod:`flowtext.decoding.state`), for callers that drive or inspect decoding step by step.
 * :func:`plot_maturity`, :func:`plot_policy_comparison`: maturity heatmaps (tokens x steps).
@@ -11,6 +14,7 @@
 Modules, by role: :mod:`~flowtext.decoding.inputs` (checked settings, prompts, constraints),
 :mod:`~flowtext.decoding.sampling` (per-row randomness, the commit rule),
 :mod:`~flowtext.decoding.state` (state and step), :mod:`~flowtext.decoding.loop` (:func:`generate`),
+:mod:`~flowtext.decoding.speculative` (drafts and verification),
 :mod:`~flowtext.decoding.result` (result types), :mod:`~flowtext.decoding.plots`.
 
 Example:
@@ -30,6 +34,7 @@ from __future__ import annotations
 from flowtext.decoding.loop import decode, generate
 from flowtext.decoding.result import DecodeStats, GenerationResult
 from flowtext.decoding.sampling import sample_tokens
+from flowtext.decoding.speculative import speculative_generate
 from flowtext.decoding.state import Decoder, DecodeState, step
 from flowtext.policies import Adaptive
 
@@ -44,6 +49,7 @@ __all__ = [
     "plot_maturity",
     "plot_policy_comparison",
     "sample_tokens",
+    "speculative_generate",
     "step",
 ]
 

@@ -11,7 +11,9 @@ import torch
 from flowtext.decoding.inputs import check_rows, check_settings
 from flowtext.decoding.result import DecodeStats, GenerationResult
 from flowtext.decoding.sampling import Generators, RowNoise
+from flowtext.decoding.speculative import speculative_generate
 from flowtext.decoding.state import Decoder, DecodeState, initial_state, live, step
+from flowtext.errors import ConfigError
 from flowtext.nn.latents import bind_prior_schedule
 
 __all__ = ["decode", "generate"]
@@ -63,7 +65,10 @@ def generate(
         prompt_lengths: Lengths ``[B]`` of a padded prompt tensor.
         length: Tokens to generate per row (the most, when ``eos_id`` stops rows early).
         policy: A :class:`~flowtext.policies.ProgressionPolicy` or registry name (static ones
-            via their grid, or ``adaptive``).
+            via their grid, or ``adaptive``), or ``"speculative"``: the model's own AR
+            distribution, several tokens per evaluation where the noisy stream's drafts hold
+            (:func:`~flowtext.decoding.speculative_generate`; ``policy_kwargs`` may give its
+            ``draft``; no ``steps``, ``fixed`` or ``record``, and ``solver`` is not read).
         policy_kwargs: Constructor arguments when ``policy`` is a name.
         steps: Global steps (``None`` = ``length``): the grid of a static policy, the budget of
             ``adaptive``.
@@ -99,6 +104,8 @@ def generate(
         ShapeError: Malformed prompt or constraints.
         DataError: Token ids outside the vocabulary.
     """
+    if isinstance(policy, str) and policy == "speculative":
+        return _speculative(net, schedule, locals())
     cfg = net.config
     settings = check_settings(
         cfg.vocab_size, schedule, length=length, policy=policy, policy_kwargs=policy_kwargs,
@@ -123,6 +130,23 @@ def generate(
             return _result(dec, state, rows, tokenizer, interrupted, time.perf_counter() - start)
     finally:
         net.train(was_training)
+
+
+def _speculative(net, schedule, args: dict[str, Any]) -> GenerationResult:
+    """``generate(policy="speculative")``: :func:`~flowtext.decoding.speculative_generate`."""
+    unused = {"steps": None, "fixed": None, "record": False}
+    bad = [k for k, v in unused.items() if args[k] is not None and args[k] is not v]
+    if bad:
+        raise ConfigError(f"policy 'speculative' does not take {', '.join(bad)}")
+    return speculative_generate(
+        net, schedule, **{k: args[k] for k in _SPECULATIVE_ARGS}, **(args["policy_kwargs"] or {})
+    )
+
+
+_SPECULATIVE_ARGS = (
+    "prompt", "prompt_lengths", "length", "temperature", "top_p", "greedy", "generator",
+    "eos_id", "tokenizer", "batch_size",
+)  # fmt: skip
 
 
 def decode(dec: Decoder, state: DecodeState) -> tuple[DecodeState, bool]:

@@ -1,0 +1,287 @@
+"""Self-speculative decoding: the noisy stream drafts, the clean stream's AR readout verifies.
+
+One network plays both parts of speculative decoding (Leviathan et al. 2023; Stern et al. 2018
+for the blockwise greedy form). Each pass runs one stream: the committed tokens (``t = 0``, in
+position order, so each one's logits are the AR conditional of the next token, theory §3d), the
+pending drafts committed after them in the same order, and one group of up to ``draft`` live
+slots at ``t = 1`` per possible outcome: group ``a`` starts at position ``n + a`` and sees the
+prefix and the first ``a`` drafts, so its readouts are the marginals ``q(x_j | x_{<n+a})`` that
+a ``block`` bound trains at a block's first step. The pass then
+
+1. verifies the drafts in order against the AR conditionals ``p`` read at the drafts
+   themselves: draft ``d ~ q`` is kept with probability ``min(1, p(d) / q(d))`` (greedy: kept
+   iff it is ``argmax p``); the first one refused is replaced by a draw from
+   ``(p - q)^+ / |p - q|^+`` (greedy: ``argmax p``) and the rest are dropped; when every draft
+   was kept, one more token is drawn from the AR conditional after the last one;
+2. draws the next pass's drafts from the slots of the group that saw exactly the kept drafts,
+   after the one token drawn from ``p`` (``q`` is kept for the next pass's test).
+
+So every pass commits at least one token, and the committed text is distributed exactly as the
+model's own AR decoder would draw it (``autoregressive``, same temperature and top-p): the drafts
+only decide how many tokens one evaluation commits. docs/theory.md §3i has the argument;
+``tests/test_speculative.py`` checks it on a small vocabulary.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from flowtext import schedules as _schedules
+from flowtext.decoding.inputs import check_rows
+from flowtext.decoding.result import DecodeStats, GenerationResult
+from flowtext.decoding.sampling import token_probs
+from flowtext.errors import ConfigError
+from flowtext.nn.latents import bind_prior_schedule
+
+__all__ = ["speculative_generate"]
+
+
+@dataclass
+class _Row:
+    """One row's decoding state: committed ids (prompt included) and pending drafts."""
+
+    ids: list[int]
+    end: int  # total length when done (prompt + length)
+    drafts: list[int] = field(default_factory=list)
+    q: Tensor | None = None  # draft distributions [k, V] (sampling) or None (greedy)
+    passes: int = 0
+    eos: bool = False
+    gen: torch.Generator | None = None  # the row's draws (noise, drafts, tests)
+
+    @property
+    def done(self) -> bool:
+        return self.eos or len(self.ids) >= self.end
+
+
+def _check(length: Any, draft: Any, temperature: float, top_p: float) -> None:
+    for name, value in (("length", length), ("speculative draft", draft)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ConfigError(f"{name} must be a positive int, got {value!r}")
+    if not (temperature >= 0 and temperature != float("inf")):
+        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
+    if not (0 < top_p <= 1):
+        raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
+
+
+def _groups(row: _Row, draft: int) -> list[tuple[int, int]]:
+    """``(first position, count)`` of the row's slot groups, one per possible outcome.
+
+    Group ``a`` (``a = 0..k``) is a block of up to ``draft`` live slots from position ``n + a``
+    with order ``n + a``: it sees the committed prefix and the first ``a`` drafts, so when a
+    pass keeps exactly ``a`` drafts, its slots after ``n + a`` draft the next pass's tokens.
+    """
+    n = len(row.ids)
+    return [(n + a, min(draft, row.end - n - a)) for a in range(len(row.drafts) + 1)]
+
+
+def _pass_inputs(net, schedule, rows: list[_Row], draft: int) -> tuple[Tensor, ...]:
+    """``(z, t, o, pos)`` of one pass: committed and drafts at ``t = 0``, then the slot groups.
+
+    Padding is more tokens at ``t = 1``, which no other token sees.
+    """
+    seqs = [r.ids + r.drafts for r in rows]
+    groups = [_groups(r, draft) for r in rows]
+    width = max(len(s) + sum(c for _, c in g) for s, g in zip(seqs, groups))
+    param = next(net.parameters())
+    dev = param.device
+    ids = torch.zeros(len(rows), width, dtype=torch.long)
+    t = torch.ones(len(rows), width, dtype=param.dtype)
+    o = torch.zeros(len(rows), width, dtype=torch.long)
+    pos = torch.zeros(len(rows), width, dtype=torch.long)
+    eps = torch.zeros(len(rows), width, net.config.d_embed, dtype=t.dtype)
+    for i, (seq, g) in enumerate(zip(seqs, groups)):
+        n = len(seq)
+        ids[i, :n], t[i, :n] = torch.tensor(seq, dtype=torch.long), 0.0
+        o[i, :n] = pos[i, :n] = torch.arange(n)
+        for first, count in g:
+            o[i, n : n + count] = first  # the group sees committed orders < first
+            pos[i, n : n + count] = torch.arange(first, first + count)
+            n += count
+        # each row draws only its own noise: its tokens do not depend on the rest of the batch
+        eps[i, :n] = torch.randn(n, eps.shape[-1], generator=rows[i].gen, dtype=t.dtype)
+    ids, t, o, pos, eps = (v.to(dev) for v in (ids, t, o, pos, eps))
+    z = torch.where((t == 0)[..., None], net.embed(ids), schedule.sigma(t)[..., None] * eps)
+    return z, t, o, pos
+
+
+def _draw(p: Tensor, generator: torch.Generator | None) -> int:
+    return int(torch.multinomial(p, 1, generator=generator))
+
+
+def _verify(row: _Row, p: Tensor, generator) -> list[int]:
+    """The tokens this pass commits for ``row``: kept drafts, then one exact token.
+
+    ``p`` ``[k + 1, V]``: the AR conditionals at the ``k`` drafts and after them.
+    """
+    out: list[int] = []
+    for i, d in enumerate(row.drafts):
+        q = row.q[i] if row.q is not None else None
+        if q is None:  # greedy: p and q are one-hot
+            if int(p[i].argmax()) != d:
+                return out + [int(p[i].argmax())]
+        else:
+            ratio = float(p[i, d] / q[d]) if float(q[d]) > 0 else 0.0
+            if ratio < 1 and float(torch.rand((), generator=generator)) >= ratio:
+                rest = (p[i] - q).clamp_min(0.0)  # the residual law of the refused draft
+                mass = float(rest.sum())
+                return out + [_draw(rest / mass if mass > 0 else p[i], generator)]
+        out.append(d)
+    return out + [_draw(p[len(row.drafts)], generator)]
+
+
+def _advance(row: _Row, logits: Tensor, draft: int, draw: _Sampler, eos_id: int | None) -> int:
+    """Verify ``row``'s drafts on its ``logits`` ``[width, V]``, commit, draw new drafts.
+
+    Returns:
+        The number of tokens committed.
+    """
+    n, k = len(row.ids), len(row.drafts)
+    groups = _groups(row, draft)
+    # committed token j's logits are the AR conditional of token j + 1; with nothing committed
+    # the one slot group (order 0, sees nothing) starts with the null query of token 0
+    reads = logits[n - 1 : n + k] if n > 0 else logits[:1]
+    new = _verify(row, draw.probs(reads), row.gen)
+    kept = len(new) - 1  # drafts kept: group `kept` saw exactly them
+    if eos_id is not None and eos_id in new:
+        new, row.eos = new[: new.index(eos_id) + 1], True
+    new = new[: row.end - n]
+    row.ids += new
+    row.drafts, row.q = [], None
+    offset = n + k + sum(c for _, c in groups[:kept])  # where group `kept` lies in the row
+    count = min(groups[kept][1], row.end - len(row.ids) + 1)
+    if not row.done and count > 1:  # its first slot is the position just committed
+        q = draw.probs(logits[offset + 1 : offset + count])
+        row.drafts = [int(v) for v in q.argmax(-1)] if draw.greedy else draw.tokens(q, row.gen)
+        row.q = None if draw.greedy else q
+    return len(new)
+
+
+@dataclass(frozen=True)
+class _Sampler:
+    """The decoding's commit rule: probabilities of logits, and draws from them."""
+
+    temperature: float
+    top_p: float
+    greedy: bool
+
+    def probs(self, logits: Tensor) -> Tensor:
+        """``[n, V]`` probabilities (one-hot argmax when greedy)."""
+        logits = logits.float().cpu()  # small; the draws use a CPU generator
+        if self.greedy:
+            return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
+        return token_probs(logits, self.temperature, self.top_p)
+
+    def tokens(self, probs: Tensor, generator: torch.Generator | None) -> list[int]:
+        """One draw per row of ``probs`` ``[n, V]``."""
+        return [int(v) for v in torch.multinomial(probs, 1, generator=generator)[:, 0]]
+
+
+def speculative_generate(
+    net,
+    schedule,
+    *,
+    prompt: Any = None,
+    prompt_lengths: Any = None,
+    length: int,
+    draft: int = 7,
+    temperature: float = 1.0,
+    top_p: float = 1.0,
+    greedy: bool = False,
+    generator: torch.Generator | Sequence[torch.Generator] | None = None,
+    eos_id: int | None = None,
+    tokenizer: Any = None,
+    batch_size: int | None = None,
+) -> GenerationResult:
+    """Decode with the model's own AR distribution, several tokens per evaluation when drafts hold.
+
+    See the module docstring. Rows advance together, one batched pass per evaluation, each at
+    its own length (a row that is done leaves the batch). Every evaluation runs the whole
+    sequence (no cache).
+
+    Args:
+        net: A flow network (``embed``, ``config.d_embed``, forward ``(z, t, o, positions)``).
+        schedule: Its noise schedule (instance; ``sigma(1)`` scales the slots' noise).
+        prompt: Token-id rows (list of lists, one list, or a padded ``[B, P]`` tensor with
+            ``prompt_lengths``), or ``None`` (start from nothing; the first token comes from
+            the null query).
+        prompt_lengths: Lengths ``[B]`` of a padded prompt tensor.
+        length: Tokens to generate per row (the most, with ``eos_id``).
+        draft: Live slots per pass after the drafts, ``>= 1`` (``block`` size trained, e.g. 8,
+            gives up to ``draft - 1`` drafts per pass).
+        temperature: Of the AR conditionals and the drafts (``0``: greedy).
+        top_p: Nucleus mass in ``(0, 1]`` (of both).
+        greedy: Commit the argmax (drafts are the slots' argmax, kept iff they equal it).
+        generator: Random generator of every draw, or one per row (then each row's tokens do not
+            depend on the rest of the batch).
+        eos_id: A row stops after committing it (the EOS is dropped from the result).
+        tokenizer: Object with ``decode(ids) -> str``; fills ``result.text``.
+        batch_size: Rows when ``prompt`` is ``None`` (default 1).
+
+    Returns:
+        A :class:`~flowtext.decoding.GenerationResult` (``canvas``, ``commit_order`` and
+        ``times`` are ``None``). ``stats.nfe`` counts batched passes and ``tokens_per_eval`` is
+        the committed tokens per pass of a row (rows that are done no longer pass).
+
+    Raises:
+        ConfigError: Bad ``draft``, ``length``, temperature or top-p, or a prompt plus length
+            beyond the model's context.
+        ShapeError: Malformed prompt.
+        DataError: Ids outside the vocabulary.
+    """
+    _check(length, draft, temperature, top_p)
+    prompts, _ = check_rows(net.config, prompt, prompt_lengths, batch_size, None, length)
+    schedule = _schedules.resolve(schedule)
+    bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
+    draw = _Sampler(temperature, top_p, greedy or temperature == 0)
+    per_pass = 2 if getattr(net.config, "self_condition", False) else 1  # two-pass denoiser
+    gens = _row_generators(generator, len(prompts))
+    rows = [_Row(ids=list(p), end=len(p) + length, gen=g) for p, g in zip(prompts, gens)]
+    was_training = net.training
+    net.eval()
+    start, nfe, committed = time.perf_counter(), 0, 0
+    try:
+        with torch.no_grad():
+            while any(not r.done for r in rows):
+                active = [r for r in rows if not r.done]
+                z, t, o, pos = _pass_inputs(net, schedule, active, draft)
+                logits = net(z, t, o, pos).logits
+                nfe += per_pass
+                for b, r in enumerate(active):
+                    r.passes += per_pass
+                    committed += _advance(r, logits[b], draft, draw, eos_id)
+    finally:
+        net.train(was_training)
+    return _result(rows, prompts, eos_id, committed, nfe, time.perf_counter() - start, tokenizer)
+
+
+def _row_generators(generator: Any, n: int) -> list[torch.Generator | None]:
+    if generator is None or isinstance(generator, torch.Generator):
+        return [generator] * n
+    gens = list(generator)
+    if len(gens) != n or not all(isinstance(g, torch.Generator) for g in gens):
+        raise ConfigError(f"generator must be one torch.Generator or {n} of them (one per row)")
+    return gens
+
+
+def _result(rows, prompts, eos_id, committed, nfe, wall, tokenizer) -> GenerationResult:
+    tokens = []
+    for r, p in zip(rows, prompts):
+        gen = r.ids[len(p) :]
+        tokens.append(gen[:-1] if r.eos and gen and gen[-1] == eos_id else gen)
+    n_tokens = sum(len(x) for x in tokens)
+    passes = max(1, sum(r.passes for r in rows))
+    stats = DecodeStats(
+        nfe=nfe, passes=nfe, steps=nfe, committed=committed, tokens=n_tokens, wall_time=wall,
+        tokens_per_eval=committed / passes, tokens_per_second=n_tokens / max(wall, 1e-9),
+    )  # fmt: skip
+    text = [tokenizer.decode(x) for x in tokens] if tokenizer is not None else None
+    return GenerationResult(
+        tokens=tokens, prompt_lengths=[len(p) for p in prompts], stats=stats, text=text,
+        eos=[r.eos for r in rows],
+    )  # fmt: skip
