@@ -109,6 +109,11 @@ def _adaptive(label: str, steps: int | None = None, primary: bool = False, **opt
     return Decoder(label, "adaptive", steps, tuple(opts.items()), primary)
 
 
+def _speculative(draft: int = 8) -> Decoder:
+    """Self-speculative decoding: the AR decoder's law, drafts from a ``block(draft)`` state."""
+    return Decoder(f"speculative draft={draft}", "speculative", None, (("draft", draft),))
+
+
 def primary_decoder(model: str, decoders: list[Decoder]) -> Decoder:
     """The one decoder of ``model`` marked primary; anything else is an error."""
     found = [d for d in decoders if d.primary]
@@ -283,7 +288,7 @@ def decode_settings(name: str, gen_len: int, quick: bool) -> list[Decoder]:
             window=32,
         ),
     ]
-    return [_ar(), *blocks, *diag, *sync, *adaptive]
+    return [_ar(), *blocks, *diag, *sync, *adaptive, _speculative()]
 
 
 def addition_decoders(name: str, length: int, quick: bool) -> list[Decoder]:
@@ -294,7 +299,7 @@ def addition_decoders(name: str, length: int, quick: bool) -> list[Decoder]:
     if name == "diffusion":
         return [_sync(k, primary=k == ks[-1]) for k in ks]
     adaptive = _adaptive("adaptive thr=0.9", primary=True, threshold=0.9)
-    return [_ar(), *[_sync(k) for k in ks], adaptive]
+    return [_ar(), *[_sync(k) for k in ks], adaptive, _speculative()]
 
 
 def _printable(text: str) -> str:
