@@ -264,7 +264,7 @@ def flow_worker(spec: dict, barrier) -> dict:
     cli.trainer.fit(cli.model, datamodule=dm)
     fit_s = time.perf_counter() - t0
     ckpt = Path(cli.trainer.log_dir) / "checkpoints" / "final.ckpt"
-    cli.trainer.save_checkpoint(ckpt)
+    cli.trainer.save_checkpoint(ckpt, weights_only=False)
     lm, _, _ = load_checkpoint(ckpt)
     tokens = cli.trainer.global_step * dm.batch_size * dm.seq_len
     train_s = sum(clock.totals.values())

@@ -109,7 +109,7 @@ def _adaptive(label: str, steps: int | None = None, primary: bool = False, **opt
     return Decoder(label, "adaptive", steps, tuple(opts.items()), primary)
 
 
-def _speculative(draft: int = 8) -> Decoder:
+def _speculative(draft: int = 4) -> Decoder:
     """Self-speculative decoding: the AR decoder's law, drafts from a ``block(draft)`` state."""
     return Decoder(f"speculative draft={draft}", "speculative", None, (("draft", draft),))
 
@@ -202,7 +202,7 @@ def train_run(name: str, root: Path, extra: list[str], args) -> Run:
     cli, argv = fit_config(MODELS[name], root, [f"--seed_everything={args.seed}", *extra])
     wall = time.perf_counter() - t0
     vdir = Path(cli.trainer.log_dir)
-    cli.trainer.save_checkpoint(vdir / "checkpoints" / "final.ckpt")
+    cli.trainer.save_checkpoint(vdir / "checkpoints" / "final.ckpt", weights_only=False)
     (root / "argv.json").write_text(json.dumps(argv, indent=1))
     run = load_run(name, root.parent, root)
     run.train["fit_wall_s"] = wall

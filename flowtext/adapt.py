@@ -250,7 +250,7 @@ def _run_adapt(args: argparse.Namespace) -> dict[str, Any]:
         trainer.fit(lm, datamodule=dm)
     after = trainer.validate(lm, datamodule=dm, verbose=False)[0]
     ckpt = out / "adapted.ckpt"
-    trainer.save_checkpoint(ckpt)
+    trainer.save_checkpoint(ckpt, weights_only=False)
     keys = sorted(k for k in after if k.startswith("val/bpb"))
     return {
         **{f"{k} (before -> after)": f"{before[k]:.4f} -> {after[k]:.4f}" for k in keys},

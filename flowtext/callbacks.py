@@ -187,6 +187,6 @@ class SaveOnSigterm(L.Callback):
             if isinstance(cb, ModelCheckpoint) and cb.save_last and cb.dirpath
         }
         for path in sorted(targets):
-            trainer.save_checkpoint(path)
+            trainer.save_checkpoint(path, weights_only=False)  # the full state: resumable
             self.saved = path
             rank_zero_info(f"SIGTERM: saved {path} at step {trainer.global_step}")

@@ -189,7 +189,7 @@ def speculative_generate(
     prompt: Any = None,
     prompt_lengths: Any = None,
     length: int,
-    draft: int = 7,
+    draft: int = 4,
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
@@ -212,8 +212,10 @@ def speculative_generate(
             the null query).
         prompt_lengths: Lengths ``[B]`` of a padded prompt tensor.
         length: Tokens to generate per row (the most, with ``eos_id``).
-        draft: Live slots per pass after the drafts, ``>= 1`` (``block`` size trained, e.g. 8,
-            gives up to ``draft - 1`` drafts per pass).
+        draft: Live slots per group, ``>= 1``: up to ``draft - 1`` drafts per pass, and up to
+            ``draft`` groups of ``draft`` slots on top of the sequence. A block size the model
+            trained on; beyond 4 few drafts are kept (docs/results.md §2d) while every pass
+            costs more.
         temperature: Of the AR conditionals and the drafts (``0``: greedy).
         top_p: Nucleus mass in ``(0, 1]`` (of both).
         greedy: Commit the argmax (drafts are the slots' argmax, kept iff they equal it).
