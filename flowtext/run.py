@@ -5,7 +5,7 @@
    far and validation bits per byte (AR, block and synchronous policies) print at every
    validation; TensorBoard logs and checkpoints go to ``OUT/train``.
 3. Decode from the trained model under every policy (AR, block, diagonal, synchronous,
-   adaptive), print the samples with speed statistics, and draw the maturity heatmaps.
+   adaptive, speculative), print the samples with speed statistics, and draw the maturity heatmaps.
 
 Everything lands in ``OUT`` (default ``outputs/run``), with ``summary.md`` listing it.
 """
@@ -40,6 +40,7 @@ DECODE_POLICIES: dict[str, tuple[str, dict, int | None]] = {
     "diagonal(0.25)": ("diagonal", {"width": 0.25}, None),
     "synchronous": ("synchronous", {}, 32),
     "adaptive": ("adaptive", {}, None),
+    "speculative": ("speculative", {}, None),
 }
 """Label -> (policy name, policy kwargs, steps or ``None`` for the policy's default)."""
 

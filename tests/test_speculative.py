@@ -154,7 +154,20 @@ def test_sure_drafts_commit_a_whole_block_per_evaluation():
     assert res.tokens == [[5] * 12, [5] * 12]
     # pass 1 commits one token and drafts 3; each later pass keeps them and commits one more
     assert res.stats.nfe == 4 and res.stats.tokens_per_eval == 3.0
+    assert res.commit_order[0].tolist() == [1] + [2] * 4 + [3] * 4 + [4] * 3
     assert max(net.widths) <= 3 + 12 + 4 * 4  # prompt + committed + drafts + (k + 1) groups
+
+
+def test_recorded_times_fall_to_zero_at_each_tokens_commit_step():
+    net = perturbed_net(seed=7, scale=0.4)
+    res = generate(
+        net, "cosine", prompt=[[1], [2, 3]], length=7, policy="speculative", record=True,
+        generator=torch.Generator().manual_seed(0),
+    )  # fmt: skip
+    assert res.times.shape == (res.stats.steps + 1, 2, 7)
+    steps = torch.arange(res.stats.steps + 1)[:, None, None]
+    assert torch.equal(res.times == 0, steps >= res.commit_order[None])
+    assert (res.canvas >= 0).all() and res.canvas.tolist() == res.tokens
 
 
 def test_speculative_decoding_refuses_what_it_cannot_honour():

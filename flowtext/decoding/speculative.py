@@ -51,6 +51,7 @@ class _Row:
     drafts: list[int] = field(default_factory=list)
     q: Tensor | None = None  # draft distributions [k, V] (sampling) or None (greedy)
     passes: int = 0
+    when: list[int] = field(default_factory=list)  # global step of each generated token
     eos: bool = False
     gen: torch.Generator | None = None  # the row's draws (noise, drafts, tests)
 
@@ -195,6 +196,7 @@ def speculative_generate(
     greedy: bool = False,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     eos_id: int | None = None,
+    record: bool = False,
     tokenizer: Any = None,
     batch_size: int | None = None,
 ) -> GenerationResult:
@@ -222,13 +224,16 @@ def speculative_generate(
         generator: Random generator of every draw, or one per row (then each row's tokens do not
             depend on the rest of the batch).
         eos_id: A row stops after committing it (the EOS is dropped from the result).
+        record: Fill ``result.times`` ``[S + 1, B, L]`` (each token at 1 until the global step
+            that commits it, then 0: the maturity heatmap of :mod:`~flowtext.decoding.plots`).
         tokenizer: Object with ``decode(ids) -> str``; fills ``result.text``.
         batch_size: Rows when ``prompt`` is ``None`` (default 1).
 
     Returns:
-        A :class:`~flowtext.decoding.GenerationResult` (``canvas``, ``commit_order`` and
-        ``times`` are ``None``). ``stats.nfe`` counts batched passes and ``tokens_per_eval`` is
-        the committed tokens per pass of a row (rows that are done no longer pass).
+        A :class:`~flowtext.decoding.GenerationResult`; ``commit_order`` is the global step
+        (batched pass, from 1) that committed each token. ``stats.nfe`` counts network passes
+        (two per step for a self-conditioned network) and ``tokens_per_eval`` the committed
+        tokens per pass of a row (rows that are done no longer pass).
 
     Raises:
         ConfigError: Bad ``draft``, ``length``, temperature or top-p, or a prompt plus length
@@ -246,20 +251,23 @@ def speculative_generate(
     rows = [_Row(ids=list(p), end=len(p) + length, gen=g) for p, g in zip(prompts, gens)]
     was_training = net.training
     net.eval()
-    start, nfe, committed = time.perf_counter(), 0, 0
+    start, steps, committed = time.perf_counter(), 0, 0
     try:
         with torch.no_grad():
             while any(not r.done for r in rows):
                 active = [r for r in rows if not r.done]
                 z, t, o, pos = _pass_inputs(net, schedule, active, draft)
                 logits = net(z, t, o, pos).logits
-                nfe += per_pass
+                steps += 1
                 for b, r in enumerate(active):
                     r.passes += per_pass
-                    committed += _advance(r, logits[b], draft, draw, eos_id)
+                    new = _advance(r, logits[b], draft, draw, eos_id)
+                    r.when += [steps] * new
+                    committed += new
     finally:
         net.train(was_training)
-    return _result(rows, prompts, eos_id, committed, nfe, time.perf_counter() - start, tokenizer)
+    stats = (committed, steps, per_pass, time.perf_counter() - start)
+    return _result(rows, prompts, length, stats, eos_id, record, tokenizer)
 
 
 def _row_generators(generator: Any, n: int) -> list[torch.Generator | None]:
@@ -271,19 +279,30 @@ def _row_generators(generator: Any, n: int) -> list[torch.Generator | None]:
     return gens
 
 
-def _result(rows, prompts, eos_id, committed, nfe, wall, tokenizer) -> GenerationResult:
+def _result(rows, prompts, length, stats, eos_id, record, tokenizer) -> GenerationResult:
+    """Tokens cut at EOS, the canvas and commit steps of the generated region, the statistics."""
+    committed, steps, per_pass, wall = stats
     tokens = []
-    for r, p in zip(rows, prompts):
+    canvas = torch.full((len(rows), length), -1, dtype=torch.long)
+    order = torch.full((len(rows), length), -1, dtype=torch.long)
+    for b, (r, p) in enumerate(zip(rows, prompts)):
         gen = r.ids[len(p) :]
+        canvas[b, : len(gen)] = torch.tensor(gen, dtype=torch.long)
+        order[b, : len(gen)] = torch.tensor(r.when, dtype=torch.long)
         tokens.append(gen[:-1] if r.eos and gen and gen[-1] == eos_id else gen)
     n_tokens = sum(len(x) for x in tokens)
     passes = max(1, sum(r.passes for r in rows))
-    stats = DecodeStats(
-        nfe=nfe, passes=nfe, steps=nfe, committed=committed, tokens=n_tokens, wall_time=wall,
-        tokens_per_eval=committed / passes, tokens_per_second=n_tokens / max(wall, 1e-9),
+    decode = DecodeStats(
+        nfe=steps * per_pass, passes=steps * per_pass, steps=steps, committed=committed,
+        tokens=n_tokens, wall_time=wall, tokens_per_eval=committed / passes,
+        tokens_per_second=n_tokens / max(wall, 1e-9),
     )  # fmt: skip
-    text = [tokenizer.decode(x) for x in tokens] if tokenizer is not None else None
+    times = None
+    if record:  # a token is at t = 1 until the step that commits it, then at 0
+        at = torch.arange(steps + 1)[:, None, None]
+        times = ((order[None] < 0) | (order[None] > at)).float()
     return GenerationResult(
-        tokens=tokens, prompt_lengths=[len(p) for p in prompts], stats=stats, text=text,
-        eos=[r.eos for r in rows],
+        tokens=tokens, prompt_lengths=[len(p) for p in prompts], stats=decode,
+        text=[tokenizer.decode(x) for x in tokens] if tokenizer is not None else None,
+        canvas=canvas, commit_order=order, times=times, eos=[r.eos for r in rows],
     )  # fmt: skip
