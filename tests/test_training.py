@@ -71,6 +71,7 @@ def test_main_job_runs_end_to_end_on_a_tiny_budget(tmp_path):
         "toy/convergence.png",
         "decode/policies.png",
         "decode/maturity_adaptive.png",
+        "decode/maturity_speculative.png",
     ):
         assert (tmp_path / name).is_file(), name
     summary = (tmp_path / "summary.md").read_text()
