@@ -110,6 +110,16 @@ def test_compare_quick_trains_evaluates_and_appends(tmp_path):
     assert {"timestamp", "run_id", "metric", "value"} <= set(rows[0])
     assert len([p for p in tmp_path.iterdir() if p.is_dir()]) == 2
 
+    # the speculative decoding report reads the same runs (greedy: the AR decoder's tokens)
+    table = tmp_path / "speculative.csv"
+    assert _load("speculative").main(["--quick", "--ckpt-dir", str(run_dir / "lm"),
+                                      "--csv", str(table)]) == 0  # fmt: skip
+    with open(table) as f:
+        rows = list(csv.DictReader(f))
+    greedy = {r["decoder"]: float(r["judge_bpb"]) for r in rows if r["greedy"] == "True"}
+    assert len(greedy) == 3 and len(set(greedy.values())) == 1, greedy
+    assert all(float(r["tokens_per_eval"]) >= 1 for r in rows if "speculative" in r["decoder"])
+
 
 @pytest.mark.parametrize("quick", [True, False])
 @pytest.mark.parametrize("model", ["ar", "diffusion", "evo"])
