@@ -170,6 +170,21 @@ def test_recorded_times_fall_to_zero_at_each_tokens_commit_step():
     assert (res.canvas >= 0).all() and res.canvas.tolist() == res.tokens
 
 
+def test_an_interrupt_returns_what_was_committed():
+    net = _Constant(token=5)
+    forward = net.forward
+
+    def third_pass_interrupts(*args, **kwargs):
+        if len(net.widths) == 2:
+            raise KeyboardInterrupt
+        return forward(*args, **kwargs)
+
+    net.forward = third_pass_interrupts
+    res = speculative_generate(net, "cosine", prompt=[[1]], length=12, draft=4)
+    assert res.interrupted and res.tokens == [[5] * 5]  # passes 1 and 2: 1 + 4 tokens
+    assert res.commit_order[0].tolist() == [1] + [2] * 4 + [-1] * 7
+
+
 def test_speculative_decoding_refuses_what_it_cannot_honour():
     net = perturbed_net()
     with pytest.raises(ConfigError, match="does not take steps"):

@@ -230,7 +230,8 @@ def speculative_generate(
         batch_size: Rows when ``prompt`` is ``None`` (default 1).
 
     Returns:
-        A :class:`~flowtext.decoding.GenerationResult`; ``commit_order`` is the global step
+        A :class:`~flowtext.decoding.GenerationResult` (after a ``KeyboardInterrupt``: what was
+        committed so far, ``interrupted=True``); ``commit_order`` is the global step
         (batched pass, from 1) that committed each token. ``stats.nfe`` counts network passes
         (two per step for a self-conditioned network) and ``tokens_per_eval`` the committed
         tokens per pass of a row (rows that are done no longer pass).
@@ -251,7 +252,7 @@ def speculative_generate(
     rows = [_Row(ids=list(p), end=len(p) + length, gen=g) for p, g in zip(prompts, gens)]
     was_training = net.training
     net.eval()
-    start, steps, committed = time.perf_counter(), 0, 0
+    start, steps, committed, interrupted = time.perf_counter(), 0, 0, False
     try:
         with torch.no_grad():
             while any(not r.done for r in rows):
@@ -264,10 +265,14 @@ def speculative_generate(
                     new = _advance(r, logits[b], draft, draw, eos_id)
                     r.when += [steps] * new
                     committed += new
+    except KeyboardInterrupt:  # keep what was committed, as generate does
+        interrupted = True
     finally:
         net.train(was_training)
     stats = (committed, steps, per_pass, time.perf_counter() - start)
-    return _result(rows, prompts, length, stats, eos_id, record, tokenizer)
+    result = _result(rows, prompts, length, stats, eos_id, record, tokenizer)
+    result.interrupted = interrupted
+    return result
 
 
 def _row_generators(generator: Any, n: int) -> list[torch.Generator | None]:
@@ -286,7 +291,7 @@ def _result(rows, prompts, length, stats, eos_id, record, tokenizer) -> Generati
     canvas = torch.full((len(rows), length), -1, dtype=torch.long)
     order = torch.full((len(rows), length), -1, dtype=torch.long)
     for b, (r, p) in enumerate(zip(rows, prompts)):
-        gen = r.ids[len(p) :]
+        gen = r.ids[len(p) : len(p) + len(r.when)]  # an interrupt may fall between the two
         canvas[b, : len(gen)] = torch.tensor(gen, dtype=torch.long)
         order[b, : len(gen)] = torch.tensor(r.when, dtype=torch.long)
         tokens.append(gen[:-1] if r.eos and gen and gen[-1] == eos_id else gen)
