@@ -124,6 +124,22 @@ def test_a_row_with_its_own_generator_decodes_alike_in_any_batch():
     assert batch.tokens[1] == alone.tokens[0]
 
 
+@pytest.mark.parametrize("greedy", [True, False])
+def test_the_cache_changes_nothing_but_the_cost(greedy):
+    """Exact KV cache (theory §2): the same tokens, draws and steps as whole-sequence passes."""
+    net = perturbed_net(seed=8, scale=0.4)
+    prompts = [[1, 2, 3], [4], [5, 6]]
+    out = [
+        speculative_generate(
+            net, "cosine", prompt=prompts, length=9, draft=3, greedy=greedy, use_cache=cache,
+            generator=[_gen(1), _gen(2), _gen(3)], eos_id=None if greedy else 7,
+        )
+        for cache in (True, False)
+    ]  # fmt: skip
+    assert out[0].tokens == out[1].tokens
+    assert torch.equal(out[0].commit_order, out[1].commit_order)
+
+
 def _gen(seed: int) -> torch.Generator:
     return torch.Generator().manual_seed(seed)
 

@@ -68,7 +68,7 @@ def generate(
             via their grid, or ``adaptive``), or ``"speculative"``: the model's own AR
             distribution, several tokens per evaluation where the noisy stream's drafts hold
             (:func:`~flowtext.decoding.speculative_generate`; ``policy_kwargs`` may give its
-            ``draft``; no ``steps`` or ``fixed``; ``solver`` and ``use_cache`` are not read).
+            ``draft``; no ``steps`` or ``fixed``, and ``solver`` is not read).
         policy_kwargs: Constructor arguments when ``policy`` is a name.
         steps: Global steps (``None`` = ``length``): the grid of a static policy, the budget of
             ``adaptive``.
@@ -145,7 +145,7 @@ def _speculative(net, schedule, args: dict[str, Any]) -> GenerationResult:
 
 _SPECULATIVE_ARGS = (
     "prompt", "prompt_lengths", "length", "temperature", "top_p", "greedy", "generator",
-    "eos_id", "record", "tokenizer", "batch_size",
+    "eos_id", "use_cache", "record", "tokenizer", "batch_size",
 )  # fmt: skip
 
 

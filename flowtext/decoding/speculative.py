@@ -38,6 +38,7 @@ from flowtext.decoding.result import DecodeStats, GenerationResult
 from flowtext.decoding.sampling import token_probs
 from flowtext.errors import ConfigError
 from flowtext.nn.latents import bind_prior_schedule
+from flowtext.visibility import LIVE
 
 __all__ = ["speculative_generate"]
 
@@ -52,6 +53,7 @@ class _Row:
     q: Tensor | None = None  # draft distributions [k, V] (sampling) or None (greedy)
     passes: int = 0
     when: list[int] = field(default_factory=list)  # global step of each generated token
+    cached: int = 0  # ids already in the KV cache
     eos: bool = False
     gen: torch.Generator | None = None  # the row's draws (noise, drafts, tests)
 
@@ -78,37 +80,92 @@ def _groups(row: _Row, draft: int) -> list[tuple[int, int]]:
     pass keeps exactly ``a`` drafts, its slots after ``n + a`` draft the next pass's tokens.
     """
     n = len(row.ids)
+    if row.done:
+        return []
     return [(n + a, min(draft, row.end - n - a)) for a in range(len(row.drafts) + 1)]
 
 
-def _pass_inputs(net, schedule, rows: list[_Row], draft: int) -> tuple[Tensor, ...]:
-    """``(z, t, o, pos)`` of one pass: committed and drafts at ``t = 0``, then the slot groups.
+def _queries(rows: list[_Row], draft: int, skip: list[int], d: int, dtype) -> tuple[Tensor, ...]:
+    """``(ids, t, o, pos, eps)`` of one pass's tokens, each row from its token ``skip[b]`` on.
 
+    A row's tokens are its committed ids and drafts at ``t = 0`` (order = position), then its
+    slot groups at ``t = 1``; the first ``skip[b]`` are left out (they are in the cache).
     Padding is more tokens at ``t = 1``, which no other token sees.
     """
-    seqs = [r.ids + r.drafts for r in rows]
+    seqs = [(r.ids + r.drafts)[k:] for r, k in zip(rows, skip)]
     groups = [_groups(r, draft) for r in rows]
     width = max(len(s) + sum(c for _, c in g) for s, g in zip(seqs, groups))
-    param = next(net.parameters())
-    dev = param.device
     ids = torch.zeros(len(rows), width, dtype=torch.long)
-    t = torch.ones(len(rows), width, dtype=param.dtype)
+    t = torch.ones(len(rows), width, dtype=dtype)
     o = torch.zeros(len(rows), width, dtype=torch.long)
     pos = torch.zeros(len(rows), width, dtype=torch.long)
-    eps = torch.zeros(len(rows), width, net.config.d_embed, dtype=t.dtype)
-    for i, (seq, g) in enumerate(zip(seqs, groups)):
+    eps = torch.zeros(len(rows), width, d, dtype=dtype)
+    for i, (seq, g, k) in enumerate(zip(seqs, groups, skip)):
         n = len(seq)
         ids[i, :n], t[i, :n] = torch.tensor(seq, dtype=torch.long), 0.0
-        o[i, :n] = pos[i, :n] = torch.arange(n)
+        o[i, :n] = pos[i, :n] = torch.arange(k, k + n)
         for first, count in g:
             o[i, n : n + count] = first  # the group sees committed orders < first
             pos[i, n : n + count] = torch.arange(first, first + count)
             n += count
-        # each row draws only its own noise: its tokens do not depend on the rest of the batch
-        eps[i, :n] = torch.randn(n, eps.shape[-1], generator=rows[i].gen, dtype=t.dtype)
-    ids, t, o, pos, eps = (v.to(dev) for v in (ids, t, o, pos, eps))
+        # each row draws only its own slots' noise: its tokens do not depend on the rest of the
+        # batch, nor on whether the committed tokens are cached
+        slots = n - len(seq)
+        eps[i, len(seq) : n] = torch.randn(slots, d, generator=rows[i].gen, dtype=dtype)
+    return ids, t, o, pos, eps
+
+
+def _full_pass(net, schedule, rows: list[_Row], draft: int) -> list[tuple[Tensor, Tensor]]:
+    """One pass over each row's whole sequence: per row ``(reads [k+1, V], groups' logits)``."""
+    param = next(net.parameters())
+    q = _queries(rows, draft, [0] * len(rows), net.config.d_embed, param.dtype)
+    ids, t, o, pos, eps = (v.to(param.device) for v in q)
     z = torch.where((t == 0)[..., None], net.embed(ids), schedule.sigma(t)[..., None] * eps)
-    return z, t, o, pos
+    logits = net(z, t, o, pos).logits
+    out = []
+    for b, r in enumerate(rows):
+        n, k = len(r.ids), len(r.drafts)
+        groups = logits[b, n + k :]
+        # committed token j's logits are the AR conditional of token j + 1; with nothing
+        # committed the one slot group (order 0, sees nothing) starts with the null query
+        out.append((logits[b, n - 1 : n + k] if n > 0 else groups[:1], groups))
+    return out
+
+
+def _cached_pass(net, schedule, rows: list[_Row], draft: int, cache) -> tuple[list, Any]:
+    """:func:`_full_pass` against the exact KV cache; returns the extended cache too.
+
+    The tokens committed since the last pass (``row.ids[row.cached:]``) are committed into the
+    cache in the same trunk pass (``commit_forward``); the last one's readout is the AR
+    conditional of the first draft. Then drafts and slot groups are the queries.
+    """
+    param = next(net.parameters())
+    dev, d = param.device, net.config.d_embed
+    pending = [r.ids[r.cached :] for r in rows]
+    width = max(len(p) for p in pending)
+    ids_c = torch.zeros(len(rows), width, dtype=torch.long)
+    o_c = torch.full((len(rows), width), LIVE, dtype=torch.long)  # padding: seen by nobody
+    pos_c = torch.zeros(len(rows), width, dtype=torch.long)
+    for i, (r, p) in enumerate(zip(rows, pending)):
+        ids_c[i, : len(p)] = torch.tensor(p, dtype=torch.long)
+        o_c[i, : len(p)] = pos_c[i, : len(p)] = torch.arange(r.cached, r.cached + len(p))
+    skip = [len(r.ids) for r in rows]  # queries: the drafts and the slot groups
+    q = _queries(rows, draft, skip, d, param.dtype)
+    ids, t, o, pos, eps = (v.to(dev) for v in q)
+    z = torch.where((t == 0)[..., None], net.embed(ids), schedule.sigma(t)[..., None] * eps)
+    readout = torch.tensor([len(p) - 1 for p in pending], device=dev) if width else None
+    committed = (net.embed(ids_c.to(dev)), o_c.to(dev), pos_c.to(dev))
+    res, cache = net.commit_forward(cache, committed, z, t, o, pos, readout=readout)
+    out = []
+    for b, r in enumerate(rows):
+        k = len(r.drafts)
+        groups = res.logits[b, k:]
+        if r.ids:
+            out.append((torch.cat([res.next_logits[b : b + 1], res.logits[b, :k]]), groups))
+        else:
+            out.append((groups[:1], groups))
+        r.cached = len(r.ids)
+    return out, cache
 
 
 def _draw(p: Tensor, generator: torch.Generator | None) -> int:
@@ -136,17 +193,24 @@ def _verify(row: _Row, p: Tensor, generator) -> list[int]:
     return out + [_draw(p[len(row.drafts)], generator)]
 
 
-def _advance(row: _Row, logits: Tensor, draft: int, draw: _Sampler, eos_id: int | None) -> int:
-    """Verify ``row``'s drafts on its ``logits`` ``[width, V]``, commit, draw new drafts.
+def _advance(
+    row: _Row, reads: Tensor, groups: Tensor, draft: int, draw: _Sampler, eos_id: int | None
+) -> int:
+    """Verify ``row``'s drafts, commit, and draw the next drafts from the right slot group.
+
+    Args:
+        row: The row (changed in place).
+        reads: ``[k + 1, V]``: the AR conditionals at the ``k`` drafts and after them.
+        groups: The slot groups' logits, one after the other (``_groups`` order).
+        draft: Slots per group.
+        draw: The commit rule.
+        eos_id: End-of-sequence id or ``None``.
 
     Returns:
         The number of tokens committed.
     """
-    n, k = len(row.ids), len(row.drafts)
-    groups = _groups(row, draft)
-    # committed token j's logits are the AR conditional of token j + 1; with nothing committed
-    # the one slot group (order 0, sees nothing) starts with the null query of token 0
-    reads = logits[n - 1 : n + k] if n > 0 else logits[:1]
+    n = len(row.ids)
+    layout = _groups(row, draft)
     new = _verify(row, draw.probs(reads), row.gen)
     kept = len(new) - 1  # drafts kept: group `kept` saw exactly them
     if eos_id is not None and eos_id in new:
@@ -154,10 +218,10 @@ def _advance(row: _Row, logits: Tensor, draft: int, draw: _Sampler, eos_id: int 
     new = new[: row.end - n]
     row.ids += new
     row.drafts, row.q = [], None
-    offset = n + k + sum(c for _, c in groups[:kept])  # where group `kept` lies in the row
-    count = min(groups[kept][1], row.end - len(row.ids) + 1)
+    offset = sum(c for _, c in layout[:kept])  # where group `kept` lies
+    count = min(layout[kept][1], row.end - len(row.ids) + 1)
     if not row.done and count > 1:  # its first slot is the position just committed
-        q = draw.probs(logits[offset + 1 : offset + count])
+        q = draw.probs(groups[offset + 1 : offset + count])
         row.drafts = [int(v) for v in q.argmax(-1)] if draw.greedy else draw.tokens(q, row.gen)
         row.q = None if draw.greedy else q
     return len(new)
@@ -196,6 +260,7 @@ def speculative_generate(
     greedy: bool = False,
     generator: torch.Generator | Sequence[torch.Generator] | None = None,
     eos_id: int | None = None,
+    use_cache: bool = True,
     record: bool = False,
     tokenizer: Any = None,
     batch_size: int | None = None,
@@ -203,8 +268,8 @@ def speculative_generate(
     """Decode with the model's own AR distribution, several tokens per evaluation when drafts hold.
 
     See the module docstring. Rows advance together, one batched pass per evaluation, each at
-    its own length (a row that is done leaves the batch). Every evaluation runs the whole
-    sequence (no cache).
+    its own length. With the cache a pass runs the tokens committed since the last pass, the
+    drafts and the slot groups; without it, the whole sequence.
 
     Args:
         net: A flow network (``embed``, ``config.d_embed``, forward ``(z, t, o, positions)``).
@@ -224,6 +289,9 @@ def speculative_generate(
         generator: Random generator of every draw, or one per row (then each row's tokens do not
             depend on the rest of the batch).
         eos_id: A row stops after committing it (the EOS is dropped from the result).
+        use_cache: Keep the committed tokens' keys and values (exact, theory §2) in the
+            network's cache (``commit_forward``; a network without it runs every pass over the
+            whole sequence, as ``use_cache=False`` does).
         record: Fill ``result.times`` ``[S + 1, B, L]`` (each token at 1 until the global step
             that commits it, then 0: the maturity heatmap of :mod:`~flowtext.decoding.plots`).
         tokenizer: Object with ``decode(ids) -> str``; fills ``result.text``.
@@ -252,17 +320,23 @@ def speculative_generate(
     rows = [_Row(ids=list(p), end=len(p) + length, gen=g) for p, g in zip(prompts, gens)]
     was_training = net.training
     net.eval()
+    cache = net.new_cache(len(rows)) if use_cache and hasattr(net, "commit_forward") else None
     start, steps, committed, interrupted = time.perf_counter(), 0, 0, False
     try:
         with torch.no_grad():
             while any(not r.done for r in rows):
-                active = [r for r in rows if not r.done]
-                z, t, o, pos = _pass_inputs(net, schedule, active, draft)
-                logits = net(z, t, o, pos).logits
+                if cache is None:  # done rows leave the batch
+                    active = [r for r in rows if not r.done]
+                    reads = _full_pass(net, schedule, active, draft)
+                else:  # the cache keeps every row: done ones pass as padding
+                    active = rows
+                    reads, cache = _cached_pass(net, schedule, rows, draft, cache)
                 steps += 1
-                for b, r in enumerate(active):
+                for r, (ar, groups) in zip(active, reads):
+                    if r.done:
+                        continue
                     r.passes += per_pass
-                    new = _advance(r, logits[b], draft, draw, eos_id)
+                    new = _advance(r, ar, groups, draft, draw, eos_id)
                     r.when += [steps] * new
                     committed += new
     except KeyboardInterrupt:  # keep what was committed, as generate does
