@@ -28,6 +28,15 @@ def test_greedy_speculative_decoding_is_the_greedy_ar_decoder(draft):
     assert spec.stats.nfe <= 8  # never more evaluations than the AR decoder
 
 
+def test_without_a_prompt_the_first_token_comes_from_the_null_query():
+    net = perturbed_net(seed=9, scale=0.5)
+    kw = dict(prompt=None, batch_size=2, length=7, greedy=True)
+    ar = generate(net, "cosine", policy="autoregressive", **kw)
+    for cache in (True, False):
+        spec = speculative_generate(net, "cosine", draft=3, use_cache=cache, **kw)
+        assert spec.tokens == ar.tokens
+
+
 def test_greedy_speculative_decoding_stops_at_eos_like_the_ar_decoder():
     net = perturbed_net(seed=4, scale=0.5)
     prompts = [[1], [2, 3], [4]]

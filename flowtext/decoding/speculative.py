@@ -72,17 +72,24 @@ def _check(length: Any, draft: Any, temperature: float, top_p: float) -> None:
         raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
 
 
-def _groups(row: _Row, draft: int) -> list[tuple[int, int]]:
-    """``(first position, count)`` of the row's slot groups, one per possible outcome.
+def _groups(row: _Row, draft: int) -> list[tuple[int, int, int]]:
+    """``(order, first slot position, slots)`` of the row's slot groups, one per outcome.
 
-    Group ``a`` (``a = 0..k``) is a block of up to ``draft`` live slots from position ``n + a``
-    with order ``n + a``: it sees the committed prefix and the first ``a`` drafts, so when a
-    pass keeps exactly ``a`` drafts, its slots after ``n + a`` draft the next pass's tokens.
+    Group ``a`` (``a = 0..k``) is the block from position ``n + a`` with order ``n + a``: it
+    sees the committed prefix and the first ``a`` drafts, so when a pass keeps exactly ``a``
+    drafts, its slots after ``n + a`` draft the next pass's tokens. Position ``n + a`` itself
+    gets its token from the AR readout, so it has no slot, except with nothing committed
+    (``n = 0``), where the slot at position 0 is the null query of token 0.
     """
     n = len(row.ids)
     if row.done:
         return []
-    return [(n + a, min(draft, row.end - n - a)) for a in range(len(row.drafts) + 1)]
+    if n == 0:
+        return [(0, 0, min(draft, row.end))]
+    return [
+        (n + a, n + a + 1, max(0, min(draft, row.end - n - a) - 1))
+        for a in range(len(row.drafts) + 1)
+    ]
 
 
 def _queries(rows: list[_Row], draft: int, skip: list[int], d: int, dtype) -> tuple[Tensor, ...]:
@@ -94,7 +101,7 @@ def _queries(rows: list[_Row], draft: int, skip: list[int], d: int, dtype) -> tu
     """
     seqs = [(r.ids + r.drafts)[k:] for r, k in zip(rows, skip)]
     groups = [_groups(r, draft) for r in rows]
-    width = max(len(s) + sum(c for _, c in g) for s, g in zip(seqs, groups))
+    width = max(len(s) + sum(c for *_, c in g) for s, g in zip(seqs, groups))
     ids = torch.zeros(len(rows), width, dtype=torch.long)
     t = torch.ones(len(rows), width, dtype=dtype)
     o = torch.zeros(len(rows), width, dtype=torch.long)
@@ -104,8 +111,8 @@ def _queries(rows: list[_Row], draft: int, skip: list[int], d: int, dtype) -> tu
         n = len(seq)
         ids[i, :n], t[i, :n] = torch.tensor(seq, dtype=torch.long), 0.0
         o[i, :n] = pos[i, :n] = torch.arange(k, k + n)
-        for first, count in g:
-            o[i, n : n + count] = first  # the group sees committed orders < first
+        for order, first, count in g:
+            o[i, n : n + count] = order  # the group sees committed orders < order
             pos[i, n : n + count] = torch.arange(first, first + count)
             n += count
         # each row draws only its own slots' noise: its tokens do not depend on the rest of the
@@ -218,10 +225,12 @@ def _advance(
     new = new[: row.end - n]
     row.ids += new
     row.drafts, row.q = [], None
-    offset = sum(c for _, c in layout[:kept])  # where group `kept` lies
-    count = min(layout[kept][1], row.end - len(row.ids) + 1)
-    if not row.done and count > 1:  # its first slot is the position just committed
-        q = draw.probs(groups[offset + 1 : offset + count])
+    offset = sum(c for *_, c in layout[:kept])  # where group `kept` lies
+    _, first, slots = layout[kept]
+    start = len(row.ids) - first  # its slots from the first uncommitted position (0 or 1)
+    count = min(slots - start, row.end - len(row.ids))
+    if not row.done and count > 0:
+        q = draw.probs(groups[offset + start : offset + start + count])
         row.drafts = [int(v) for v in q.argmax(-1)] if draw.greedy else draw.tokens(q, row.gen)
         row.q = None if draw.greedy else q
     return len(new)
