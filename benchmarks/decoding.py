@@ -13,7 +13,8 @@ Usage::
     python benchmarks/decoding.py --quick        # random-init evo-tiny network, runs in seconds
 
 Rows: ``ar+cache`` (AR with the exact KV cache, the reference), ``block``, ``diagonal``,
-``synchronous``, three ``adaptive`` settings, and the cache-less floors ``ar (no cache)`` and
+``synchronous``, three ``adaptive`` settings, two ``speculative`` ones (the AR law, drafts from
+the noisy stream), and the cache-less floors ``ar (no cache)`` and
 ``sync refine (no cache)`` (full-sequence refinement, one token's worth of steps per token).
 """
 
@@ -68,6 +69,8 @@ def policies(length: int) -> list[tuple[str, dict]]:
                 steps=length,
             ),
         ),
+        ("speculative draft=4", dict(policy="speculative", policy_kwargs={"draft": 4})),
+        ("speculative draft=2", dict(policy="speculative", policy_kwargs={"draft": 2})),
         ("ar (no cache)", dict(policy="autoregressive", steps=length, use_cache=False)),
         ("sync refine (no cache)", dict(policy="synchronous", steps=length, use_cache=False)),
     ]
