@@ -145,11 +145,11 @@ def test_greedy_ar_decoding_is_the_pretrained_greedy_continuation(model_dirs, bp
             prompt, max_new_tokens=8, min_new_tokens=8, do_sample=False, pad_token_id=0
         )[:, prompt.shape[1] :]
     for use_cache in (True, False):
-        got = lm.generate(
-            prompt=prompt.tolist(), length=8, policy="autoregressive", greedy=True,
-            use_cache=use_cache,
-        )  # fmt: skip
-        assert got.tokens == expected.tolist()
+        for policy in ("autoregressive", "speculative"):  # speculative: the AR law, drafted
+            got = lm.generate(
+                prompt=prompt.tolist(), length=8, policy=policy, greedy=True, use_cache=use_cache,
+            )  # fmt: skip
+            assert got.tokens == expected.tolist(), policy
 
 
 def test_a_short_fit_lowers_the_evo_losses(model_dirs, bpe):
