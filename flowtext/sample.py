@@ -273,7 +273,7 @@ def _stats_table(
         ("wall time (s)", f"{s.wall_time:.3f}"),
         ("tokens / s", f"{s.tokens_per_second:.1f}"),
         ("stopped at EOS", f"{sum(res.eos)}/{len(res.eos)}"),
-        ("KV cache", "off" if args.no_cache or args.policy == "speculative" else "on"),
+        ("KV cache", "off" if args.no_cache else "on"),
         ("memory estimate (MB)", f"{estimate / 1e6:.1f}"),
     ]
     for k, v in rows:

@@ -134,8 +134,7 @@ def generate(
 
 def _speculative(net, schedule, args: dict[str, Any]) -> GenerationResult:
     """``generate(policy="speculative")``: :func:`~flowtext.decoding.speculative_generate`."""
-    unused = {"steps": None, "fixed": None}
-    bad = [k for k, v in unused.items() if args[k] is not None and args[k] is not v]
+    bad = [k for k in ("steps", "fixed") if args[k] is not None]
     if bad:
         raise ConfigError(f"policy 'speculative' does not take {', '.join(bad)}")
     return speculative_generate(

@@ -2,11 +2,12 @@
 
 One network plays both parts of speculative decoding (Leviathan et al. 2023; Stern et al. 2018
 for the blockwise greedy form). Each pass runs one stream: the committed tokens (``t = 0``, in
-position order, so each one's logits are the AR conditional of the next token, theory §3d), the
-pending drafts committed after them in the same order, and one group of up to ``draft`` live
-slots at ``t = 1`` per possible outcome: group ``a`` starts at position ``n + a`` and sees the
-prefix and the first ``a`` drafts, so its readouts are the marginals ``q(x_j | x_{<n+a})`` that
-a ``block`` bound trains at a block's first step. The pass then
+position order, so each one's logits are the AR conditional of the next token, theory §3d; with
+the exact KV cache only those committed since the last pass), the pending drafts committed
+after them in the same order, and one group of live slots at ``t = 1`` per possible outcome:
+group ``a`` has order ``n + a`` and slots at positions ``n + a + 1 ..`` (up to ``draft - 1`` of
+them), so it sees the prefix and the first ``a`` drafts and reads out the marginals
+``q(x_j | x_{<n+a})`` that a ``block`` bound trains at a block's first step. The pass then
 
 1. verifies the drafts in order against the AR conditionals ``p`` read at the drafts
    themselves: draft ``d ~ q`` is kept with probability ``min(1, p(d) / q(d))`` (greedy: kept
