@@ -31,7 +31,7 @@ from experiments import compare as C
 from experiments.common import hardware, md_table, val_batches, write_csv
 
 
-def decoder_rows(evo, judge, prompts, drafts, gen_len: int, seed: int) -> list[dict]:
+def decoder_rows(evo, judge, prompts, drafts, gen_len: int, seed: int, draft_t=None) -> list:
     """AR and speculative decoding of ``prompts`` at temperature 1 and greedy."""
     rows = []
     evo.lm.generate(prompt=prompts[:1], length=2)  # warm-up
@@ -39,7 +39,8 @@ def decoder_rows(evo, judge, prompts, drafts, gen_len: int, seed: int) -> list[d
         for policy, draft in [("autoregressive", None)] + [("speculative", d) for d in drafts]:
             res = evo.lm.generate(
                 prompt=prompts, length=gen_len, greedy=greedy, policy=policy,
-                policy_kwargs=None if draft is None else {"draft": draft},
+                policy_kwargs=None if draft is None else {"draft": draft,
+                                                          "draft_temperature": draft_t},
                 generator=torch.Generator().manual_seed(seed),
             )  # fmt: skip
             ids, _ = res.padded(0)
@@ -54,7 +55,7 @@ def decoder_rows(evo, judge, prompts, drafts, gen_len: int, seed: int) -> list[d
     return rows
 
 
-def law_rows(evo, judge, prompts, draft: int, gen_len: int, seeds: int) -> list[dict]:
+def law_rows(evo, judge, prompts, draft: int, gen_len: int, seeds: int, draft_t=None) -> list:
     """The judge's score over ``seeds`` sampling seeds, AR decoder against speculative."""
     rows = []
     for policy in ("autoregressive", "speculative"):
@@ -62,7 +63,8 @@ def law_rows(evo, judge, prompts, draft: int, gen_len: int, seeds: int) -> list[
         for seed in range(100, 100 + seeds):
             res = evo.lm.generate(
                 prompt=prompts, length=gen_len, policy=policy,
-                policy_kwargs={"draft": draft} if policy == "speculative" else None,
+                policy_kwargs={"draft": draft, "draft_temperature": draft_t}
+                if policy == "speculative" else None,
                 generator=torch.Generator().manual_seed(seed),
             )  # fmt: skip
             ids, _ = res.padded(0)
@@ -112,6 +114,7 @@ def parse(argv=None) -> argparse.Namespace:
     p.add_argument("--ckpt-dir", type=Path, required=True, help="holds evo/ and ar/ runs")
     p.add_argument("--drafts", default="2,4,8")
     p.add_argument("--seeds", type=int, default=8, help="sampling seeds of the law check")
+    p.add_argument("--draft-temperature", type=float, default=None, help="the drafts' law")
     p.add_argument("--samples", type=int, default=16)
     p.add_argument("--prompt-len", type=int, default=32)
     p.add_argument("--gen-len", type=int, default=64)
@@ -136,8 +139,10 @@ def main(argv=None) -> int:
     batch = torch.cat(val_batches(evo.dm, 1 if args.quick else C.parse([]).val_batches))
     windows = batch[: args.samples, : args.prompt_len + args.gen_len]
     prompts, drafts = windows[:, : args.prompt_len], [int(d) for d in args.drafts.split(",")]
-    rows = decoder_rows(evo, judge, prompts, drafts, args.gen_len, args.seed)
-    law = law_rows(evo, judge, prompts, drafts[0] if args.quick else 4, args.gen_len, args.seeds)
+    dt = args.draft_temperature
+    rows = decoder_rows(evo, judge, prompts, drafts, args.gen_len, args.seed, dt)
+    law_draft = drafts[0] if args.quick else 4
+    law = law_rows(evo, judge, prompts, law_draft, args.gen_len, args.seeds, dt)
     agree = agreement(evo, windows, max(drafts), args.prompt_len)
     keys = ["decoder", "greedy", "nfe", "tokens_per_eval", "tokens_per_s", "judge_bpb"]
     print(f"{args.ckpt_dir}; {hardware()}")

@@ -25,6 +25,7 @@ only decide how many tokens one evaluation commits. docs/theory.md §3i has the 
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
@@ -63,7 +64,7 @@ class _Row:
         return self.eos or len(self.ids) >= self.end
 
 
-def _check(length: Any, draft: Any, temperature: float, top_p: float) -> None:
+def _check(length: Any, draft: Any, temperature: float, top_p: float, draft_t: Any) -> None:
     for name, value in (("length", length), ("speculative draft", draft)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ConfigError(f"{name} must be a positive int, got {value!r}")
@@ -71,6 +72,8 @@ def _check(length: Any, draft: Any, temperature: float, top_p: float) -> None:
         raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
     if not (0 < top_p <= 1):
         raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
+    if draft_t is not None and not (isinstance(draft_t, (int, float)) and 0 < draft_t < math.inf):
+        raise ConfigError(f"draft_temperature must be a finite number > 0, got {draft_t!r}")
 
 
 def _groups(row: _Row, draft: int) -> list[tuple[int, int, int]]:
@@ -231,7 +234,7 @@ def _advance(
     start = len(row.ids) - first  # its slots from the first uncommitted position (0 or 1)
     count = min(slots - start, row.end - len(row.ids))
     if not row.done and count > 0:
-        q = draw.probs(groups[offset + start : offset + start + count])
+        q = draw.probs(groups[offset + start : offset + start + count], draft=True)
         row.drafts = [int(v) for v in q.argmax(-1)] if draw.greedy else draw.tokens(q, row.gen)
         row.q = None if draw.greedy else q
     return len(new)
@@ -244,13 +247,16 @@ class _Sampler:
     temperature: float
     top_p: float
     greedy: bool
+    draft_temperature: float
 
-    def probs(self, logits: Tensor) -> Tensor:
-        """``[n, V]`` probabilities (one-hot argmax when greedy)."""
+    def probs(self, logits: Tensor, draft: bool = False) -> Tensor:
+        """``[n, V]`` probabilities (one-hot argmax when greedy); ``draft``: the drafts' law."""
         logits = logits.float().cpu()  # small; the draws use a CPU generator
         if self.greedy:
             return torch.nn.functional.one_hot(logits.argmax(-1), logits.shape[-1]).float()
-        return token_probs(logits, self.temperature, self.top_p)
+        return token_probs(
+            logits, self.draft_temperature if draft else self.temperature, self.top_p
+        )
 
     def tokens(self, probs: Tensor, generator: torch.Generator | None) -> list[int]:
         """One draw per row of ``probs`` ``[n, V]``."""
@@ -265,6 +271,7 @@ def speculative_generate(
     prompt_lengths: Any = None,
     length: int,
     draft: int = 4,
+    draft_temperature: float | None = None,
     temperature: float = 1.0,
     top_p: float = 1.0,
     greedy: bool = False,
@@ -293,7 +300,10 @@ def speculative_generate(
             ``draft`` groups of ``draft`` slots on top of the sequence. A block size the model
             trained on; beyond 4 few drafts are kept (docs/results.md §2d) while every pass
             costs more.
-        temperature: Of the AR conditionals and the drafts (``0``: greedy).
+        draft_temperature: Temperature ``> 0`` of the drafts' law (``None``: ``temperature``).
+            Any law keeps the output exact; a sharper one than the AR conditionals' is kept
+            more often (docs/results.md §2d). Not read when greedy.
+        temperature: Of the AR conditionals (``0``: greedy), and of the drafts by default.
         top_p: Nucleus mass in ``(0, 1]`` (of both).
         greedy: Commit the argmax (drafts are the slots' argmax, kept iff they equal it).
         generator: Random generator of every draw, or one per row (then each row's tokens do not
@@ -320,11 +330,13 @@ def speculative_generate(
         ShapeError: Malformed prompt.
         DataError: Ids outside the vocabulary.
     """
-    _check(length, draft, temperature, top_p)
+    _check(length, draft, temperature, top_p, draft_temperature)
     prompts, _ = check_rows(net.config, prompt, prompt_lengths, batch_size, None, length)
     schedule = _schedules.resolve(schedule)
     bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
-    draw = _Sampler(temperature, top_p, greedy or temperature == 0)
+    greedy = greedy or temperature == 0
+    draft_t = temperature if draft_temperature is None else draft_temperature
+    draw = _Sampler(temperature, top_p, greedy, draft_t)
     per_pass = 2 if getattr(net.config, "self_condition", False) else 1  # two-pass denoiser
     gens = _row_generators(generator, len(prompts))
     rows = [_Row(ids=list(p), end=len(p) + length, gen=g) for p, g in zip(prompts, gens)]
