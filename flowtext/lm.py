@@ -247,6 +247,7 @@ class FlowLM(L.LightningModule):
         difficulty: bool = False,
         cover: bool | None = None,
         draws: int = 1,
+        window: int | None = None,
     ) -> LossTerms:
         """One unbiased Monte Carlo estimate of the ELBO of a static policy, per token.
 
@@ -277,6 +278,8 @@ class FlowLM(L.LightningModule):
                 ``noise_draws`` in training): ``nats`` and the side outputs are
                 ``[draws * B, L]`` as on ``draws`` copies of the batch, while ``ar_nats`` stays
                 ``[B, L]``, computed once per sequence (see the estimators' ``draws``).
+            window: A block policy's noisy-stream window per row (``two_stream_loss``'s
+                ``window``; then ``nats`` is ``[B, window]``); ``None``: every position.
 
         Returns:
             :class:`~flowtext.objectives.LossTerms`; ``nats`` ``[B, L]`` sums over tokens to an
@@ -311,6 +314,7 @@ class FlowLM(L.LightningModule):
                 steps_per_block=m,
                 t_min=t_min if m > 1 else None,
                 difficulty=difficulty,
+                window=window,
                 **shared,
             )
         grid = with_t_min(
@@ -360,7 +364,9 @@ class FlowLM(L.LightningModule):
         regime = self.regime
         is_ar = _is_ar(bound, tokens.shape[1])
         difficulty = regime.difficulty_weight > 0 and (regime.difficulty_on_ar or not is_ar)
-        rows = tokens.shape[0] if is_ar else regime.bound_rows(tokens.shape[0])
+        window = None if is_ar else regime.window(tokens.shape[1], _block_size(bound))
+        whole = is_ar or window is not None  # a window thins the bound; rows thin the others
+        rows = tokens.shape[0] if whole else regime.bound_rows(tokens.shape[0])
         terms = self.policy_bound(
             tokens[:rows],
             bound.policy,
@@ -368,6 +374,7 @@ class FlowLM(L.LightningModule):
             ar=regime.ar_weight > 0,
             difficulty=difficulty,
             draws=1 if is_ar else regime.noise_draws,
+            window=window,
         )
         self.feed_schedule(terms)
         elbo = terms.nats.mean()
@@ -599,6 +606,12 @@ def _is_ar(bound: DrawnBound, length: int) -> bool:
     policy = bound.policy
     one_token = isinstance(policy, _policies.Block) and policy.size == 1
     return (one_token or length == 1) and bound.steps == length
+
+
+def _block_size(bound: DrawnBound) -> int:
+    """Tokens per block of a drawn bound's policy (``0``: not a block policy, or one block)."""
+    policy = bound.policy
+    return policy.size if isinstance(policy, _policies.Block) else 0
 
 
 class AutoregressiveLM(FlowLM):

@@ -698,6 +698,7 @@ def two_stream_loss(
     difficulty: bool = True,
     cover: bool = False,
     draws: int = 1,
+    window: int | None = None,
 ) -> LossTerms:
     """Vectorized estimator of the ``block(block_size)`` bound in one ``2L`` pass.
 
@@ -734,9 +735,16 @@ def two_stream_loss(
             per sequence (with several blocks it is read from each copy's clean stream, which
             the noisy stream needs anyway, and averaged). The AR bound itself reads no noise:
             with ``block_size = steps_per_block = 1`` and no ``difficulty`` it is one draw.
+        window: With several blocks, the noisy stream holds only one window of ``window``
+            tokens per row (a multiple of ``block_size`` dividing ``L``; each row draws one of
+            the ``L / window`` windows uniformly), a ``L + window`` pass. The bound decomposes
+            over blocks, each conditioned on the clean stream alone, so the window's per-token
+            mean is unbiased for the sequence's; the AR term still reads all ``L`` clean
+            tokens (theory §3e). ``None``: the whole sequence.
 
     Returns:
-        :class:`LossTerms` over the noisy stream (``nats`` includes the prior term).
+        :class:`LossTerms` over the noisy stream (``nats`` includes the prior term), ``[B, L]``
+        or ``[B, window]``.
     """
     _check_tokens(tokens)
     bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
@@ -770,13 +778,19 @@ def two_stream_loss(
             ar_nats = autoregressive_loss(net, sequences, schedule).nats
     else:
         t2, o2 = two_stream_layout(block_ids, t_prev)
-        pos = torch.arange(length, device=dev).repeat(2)[None, :].expand(b, -1)
+        idx = _window_positions(b, length, block_size, window, generator, cover, dev)
+        pos = torch.cat([torch.arange(length, device=dev).expand(b, -1), idx], 1)
+        t2 = torch.cat([t2[:, :length], t2[:, length:].gather(1, idx)], 1)
+        o2 = torch.cat([o2[:, :length], o2[:, length:].gather(1, idx)], 1)
+        z_noisy = z_noisy.gather(1, idx[..., None].expand(-1, -1, z_noisy.shape[-1]))
         out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos, **sc)
         clean, own, noisy = out.logits[:, :length], out.logits[:, length:], slice(length, None)
         if ar:
             ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]
-        first = (pos[:, :length] % block_size == 0) & (pos[:, :length] > 0)
-        logits = _read_next(own, first & (t_prev == 1) & (t_next == 0), clean)
+        tokens, x_emb, t_prev, t_next = _at(idx, tokens, x_emb, t_prev, t_next)
+        first = (idx % block_size == 0) & (idx > 0)
+        before = clean.gather(1, (idx - 1).clamp_min(0)[..., None].expand(-1, -1, clean.shape[-1]))
+        logits = torch.where((first & (t_prev == 1) & (t_next == 0))[..., None], before, own)
     step = (t_prev, t_next)
     nats, ce = _step_nats(net, own, logits, tokens, x_emb, step, schedule, reverse, generator)
     everyone = torch.ones_like(tokens, dtype=torch.bool)
@@ -784,6 +798,35 @@ def two_stream_loss(
     terms = LossTerms(nats=m * nats + prior, ce=ce, scored=everyone, t=t_prev,
                       difficulty=lambda: out.difficulty[:, noisy], ar_nats=ar_nats)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
+
+
+def _window_positions(
+    b: int, length: int, block: int, window: int | None, generator, cover: bool, dev
+) -> Tensor:
+    """Positions ``[b, W]`` of each row's noisy window (``arange(L)`` for every row: no window).
+
+    A window is drawn only in training (``cover`` off), uniformly among the ``L / window``
+    block-aligned ones.
+    """
+    whole = torch.arange(length, device=dev).expand(b, -1)
+    if window is None or window >= length or cover:
+        return whole
+    if window < 1 or window % block or length % window:
+        raise ConfigError(
+            f"window must be a positive multiple of the block size {block} dividing the length "
+            f"{length}, got {window}"
+        )
+    start = torch.randint(length // window, (b, 1), generator=generator).to(dev) * window
+    return start + torch.arange(window, device=dev)
+
+
+def _at(idx: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
+    """Each ``[B, L, ...]`` value at the positions ``idx`` ``[B, W]``."""
+    out = []
+    for v in values:
+        i = idx.view(*idx.shape, *([1] * (v.ndim - 2))).expand(-1, -1, *v.shape[2:])
+        out.append(v.gather(1, i))
+    return tuple(out)
 
 
 def continuous_elbo(

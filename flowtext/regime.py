@@ -116,6 +116,16 @@ class TrainingRegime:
     wall time the AR term sees more data and the other bounds less: a wall-clock setting (0.25
     came within 5.4-8.0% of the AR model in 8-10 minutes, but scored worse on every bound at
     equal steps; theory §3e)."""
+    bound_window: float = 1.0
+    """Fraction of each row's positions that carry the noisy stream of a drawn block bound with
+    several blocks: one block-aligned window of ``bound_window * L`` tokens per row, drawn
+    uniformly (:func:`~flowtext.objectives.two_stream_loss`'s ``window``; unbiased, since the
+    bound decomposes over blocks). The clean stream, and so the AR term, keeps all ``L`` tokens.
+    Like ``bound_row_fraction`` it makes a batch cheaper, but spreads the bound over every row
+    instead of a few (theory §3e). A block size the window cannot hold (it must be a multiple
+    of the block size and divide ``L``) and the whole-sequence bound use every position; a
+    ``bound_row_fraction`` below 1 then thins those draws (and diagonal ones) by rows, while
+    windowed draws keep every row."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
@@ -171,9 +181,11 @@ class TrainingRegime:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ConfigError(f"{name} must be a number >= 0, got {value!r}")
+        for name in ("bound_row_fraction", "bound_window"):
+            value = getattr(self, name)
+            if not (isinstance(value, (int, float)) and 0 < value <= 1):
+                raise ConfigError(f"{name} must lie in (0, 1], got {value!r}")
         rows = self.bound_row_fraction
-        if not (isinstance(rows, (int, float)) and 0 < rows <= 1):
-            raise ConfigError(f"bound_row_fraction must lie in (0, 1], got {rows!r}")
         if rows < 1 and self.ar_weight == 0:
             raise ConfigError(
                 "bound_row_fraction < 1 needs ar_weight > 0: the rows without the drawn bound "
@@ -304,6 +316,21 @@ class TrainingRegime:
             ``max(1, round(bound_row_fraction * B))``, at most ``B``.
         """
         return max(1, min(batch, round(self.bound_row_fraction * batch)))
+
+    def window(self, length: int, block_size: int) -> int | None:
+        """Noisy-stream window (tokens per row) of a ``block(block_size)`` bound, or ``None``.
+
+        Args:
+            length: Sequence length ``L``.
+            block_size: Tokens per block (``0`` = the whole sequence).
+
+        Returns:
+            ``round(bound_window * L)`` when it is below ``L``, a multiple of ``block_size``
+            and a divisor of ``L``; ``None`` (every position) otherwise.
+        """
+        w = round(self.bound_window * length)
+        fits = 0 < block_size < w < length and w % block_size == 0 and length % w == 0
+        return w if fits else None
 
     def weight(self, label: str) -> float:
         """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""

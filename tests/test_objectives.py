@@ -343,3 +343,40 @@ def test_commit_orders_are_step_then_position():
 
 def gen(seed):
     return torch.Generator().manual_seed(seed)
+
+
+def test_a_noisy_window_scores_its_tokens_as_the_whole_stream_does(monkeypatch):
+    """Each block sees only the clean stream, so a window's per-token terms are the whole pass's
+    at those positions (same noise and steps): averaged over the windows, the estimate is the
+    full one. The AR term reads all L clean tokens either way. (The Gaussian-mean step reads no
+    further draw; the mixture step's ``xi`` is drawn at the window's shape, a fresh draw of the
+    same law.)"""
+    reverse = "gaussian"
+    import flowtext.objectives as obj
+
+    net = perturbed_net(seed=2)
+    tokens = torch.randint(0, 13, (3, 16), generator=torch.Generator().manual_seed(0))
+    kw = dict(block_size=4, steps_per_block=3, ar=True, reverse=reverse)
+
+    def terms(window):
+        gen = torch.Generator().manual_seed(5)
+        sched = schedules.get("cosine")
+        return two_stream_loss(net, tokens, sched, generator=gen, window=window, **kw)
+
+    full = terms(None)
+    real = obj._window_positions
+    for start in range(0, 16, 8):
+        fixed = lambda b, length, block, window, gen, cover, dev, s=start: (  # noqa: E731
+            real(b, length, block, None, gen, cover, dev)[:, s : s + window]
+        )
+        monkeypatch.setattr(obj, "_window_positions", fixed)
+        part = terms(8)
+        assert part.nats.shape == (3, 8)
+        torch.testing.assert_close(part.nats, full.nats[:, start : start + 8], rtol=0, atol=1e-10)
+        torch.testing.assert_close(part.ce, full.ce[:, start : start + 8], rtol=0, atol=1e-10)
+        torch.testing.assert_close(part.ar_nats, full.ar_nats, rtol=0, atol=1e-10)
+    monkeypatch.setattr(obj, "_window_positions", real)
+    drawn = terms(8)  # drawn windows: block-aligned, one per row
+    assert drawn.nats.shape == (3, 8)
+    with pytest.raises(ConfigError, match="multiple of the block size"):
+        terms(6)
