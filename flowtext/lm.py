@@ -345,8 +345,9 @@ class FlowLM(L.LightningModule):
         """The training loss of one batch on a given bound, as the regime weighs it.
 
         The bound is estimated with :meth:`policy_bound` (with ``noise_draws`` draws per
-        sequence unless it is the AR bound, the exact AR term computed once; a non-AR bound
-        on the regime's :meth:`~TrainingRegime.bound_rows` first rows) and weighted by
+        sequence unless it is the AR bound, the exact AR term computed once; a block bound on
+        the regime's :meth:`~TrainingRegime.window` of every row when it has one, any other
+        non-AR bound on its :meth:`~TrainingRegime.bound_rows` first rows) and weighted by
         :meth:`TrainingRegime.weight`; with ``ar_weight > 0`` the exact AR bound of the same
         batch is added, whatever was drawn (``train/ar_bpt`` is logged whenever the AR bound is
         known). With ``normalize`` each term trains as the log of its value. Noise and times come

@@ -245,6 +245,22 @@ def test_bound_row_fraction_estimates_the_drawn_bound_on_the_first_rows_only(lab
     torch.testing.assert_close(whole, 2 * full_ar)  # AR drawn + the AR term, all four rows
 
 
+def test_bound_window_thins_block_bounds_by_position_and_the_rest_by_rows():
+    """A windowed block draw keeps every row, with ``L + W`` tokens per row; the whole-sequence
+    draw, which no window can hold, falls back to the row fraction."""
+    tokens = torch.randint(0, 13, (4, 12))
+    model = _evo(bound_window=0.5, bound_row_fraction=0.5, difficulty_weight=0.0)
+    assert model.regime.window(12, 2) == 6 and model.regime.window(12, 4) is None  # 6 % 4
+    assert model.regime.window(12, 0) is None and _evo().regime.window(12, 2) is None
+    widths: list[tuple[int, int]] = []
+    model.net.register_forward_hook(lambda m, args, out: widths.append(tuple(args[0].shape[:2])))
+    _terms(model, tokens, TrainingRegime.evo().block_bound(2, 12))
+    assert (4, 18) in widths  # every row: 12 clean tokens and a window of 6 noisy ones
+    widths.clear()
+    _terms(model, tokens, _drawn("block0"))
+    assert all(b == 2 for b, _ in widths[:-1]) and widths[-1] == (2, 12)
+
+
 def test_noise_draws_average_independent_draws_and_leave_the_ar_bound_alone():
     tokens = torch.randint(0, 13, (3, 12))
     model = _evo(noise_draws=3, difficulty_weight=0.0)
@@ -318,6 +334,7 @@ def test_noise_draws_equal_the_repeated_batch_with_one_ar_stream_per_sequence(la
         (dict(ce_weight=-0.5), "ce_weight"),
         (dict(bound_row_fraction=0.0, ar_weight=1.0), "bound_row_fraction"),
         (dict(bound_row_fraction=0.5), "ar_weight > 0"),
+        (dict(bound_window=1.5), "bound_window"),
         (dict(step_sampling="sobol"), "step_sampling"),
         (dict(reverse="laplace"), "reverse step"),
         (dict(bound_weights={"blok1": 1.0}), "unknown bound label"),
