@@ -125,7 +125,8 @@ class TrainingRegime:
     instead of a few (theory §3e). A block size the window cannot hold (it must be a multiple
     of the block size and divide ``L``) and the whole-sequence bound use every position; a
     ``bound_row_fraction`` below 1 then thins those draws (and diagonal ones) by rows, while
-    windowed draws keep every row."""
+    windowed draws keep every row. At 8 minutes on one thread, 0.25 (with rows 0.25 for the
+    rest) scored like ``bound_row_fraction`` 0.25 alone, within noise (docs/results.md §2d)."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
