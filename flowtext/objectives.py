@@ -777,13 +777,8 @@ def two_stream_loss(
         if ar:
             ar_nats = autoregressive_loss(net, sequences, schedule).nats
     else:
-        t2, o2 = two_stream_layout(block_ids, t_prev)
         idx = _window_positions(b, length, block_size, window, generator, cover, dev)
-        pos = torch.cat([torch.arange(length, device=dev).expand(b, -1), idx], 1)
-        t2 = torch.cat([t2[:, :length], t2[:, length:].gather(1, idx)], 1)
-        o2 = torch.cat([o2[:, :length], o2[:, length:].gather(1, idx)], 1)
-        z_noisy = z_noisy.gather(1, idx[..., None].expand(-1, -1, z_noisy.shape[-1]))
-        out = net(torch.cat([x_emb, z_noisy], 1), t2, o2, pos, **sc)
+        out = net(*_two_stream_inputs(x_emb, z_noisy, block_ids, t_prev, idx), **sc)
         clean, own, noisy = out.logits[:, :length], out.logits[:, length:], slice(length, None)
         if ar:
             ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]
@@ -798,6 +793,19 @@ def two_stream_loss(
     terms = LossTerms(nats=m * nats + prior, ce=ce, scored=everyone, t=t_prev,
                       difficulty=lambda: out.difficulty[:, noisy], ar_nats=ar_nats)  # fmt: skip
     return _fold_copies(terms, rows, seqs)
+
+
+def _two_stream_inputs(
+    x_emb: Tensor, z_noisy: Tensor, block_ids: Tensor, t_noisy: Tensor, idx: Tensor
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """``(z, t, o, positions)`` of the clean stream and the noisy tokens at ``idx`` ``[B, W]``."""
+    length = x_emb.shape[1]
+    t2, o2 = two_stream_layout(block_ids, t_noisy)
+    clean = torch.arange(length, device=idx.device).expand(idx.shape[0], -1)
+    z = torch.cat([x_emb, *_at(idx, z_noisy)], 1)
+    t = torch.cat([t2[:, :length], *_at(idx, t2[:, length:])], 1)
+    o = torch.cat([o2[:, :length], *_at(idx, o2[:, length:])], 1)
+    return z, t, o, torch.cat([clean, idx], 1)
 
 
 def _window_positions(
