@@ -455,9 +455,13 @@ def _read_next(logits: Tensor, eligible: Tensor, source: Tensor | None = None) -
     """``logits`` with each eligible token's replaced by its predecessor's in ``source``."""
     if not bool(eligible.any()):
         return logits
-    source = logits if source is None else source
-    prev = torch.cat([source[:, :1], source[:, :-1]], 1)
+    prev = _predecessors(logits if source is None else source)
     return torch.where(eligible[..., None], prev, logits)
+
+
+def _predecessors(logits: Tensor) -> Tensor:
+    """Token ``j``'s row is token ``j - 1``'s ``[B, L, V]`` (token 0 keeps its own)."""
+    return torch.cat([logits[:, :1], logits[:, :-1]], 1)
 
 
 def _null_logits(net, x_emb: Tensor) -> Tensor:
@@ -782,10 +786,11 @@ def two_stream_loss(
         clean, own, noisy = out.logits[:, :length], out.logits[:, length:], slice(length, None)
         if ar:
             ar_nats = _ar_terms(net, tokens, x_emb, clean, schedule)[1]
-        tokens, x_emb, t_prev, t_next = _at(idx, tokens, x_emb, t_prev, t_next)
-        first = (idx % block_size == 0) & (idx > 0)
-        before = clean.gather(1, (idx - 1).clamp_min(0)[..., None].expand(-1, -1, clean.shape[-1]))
-        logits = torch.where((first & (t_prev == 1) & (t_next == 0))[..., None], before, own)
+        at = torch.arange(length, device=dev).expand(b, -1) if idx is None else idx
+        prev = _predecessors(clean)
+        tokens, x_emb, t_prev, t_next, prev = _at(idx, tokens, x_emb, t_prev, t_next, prev)
+        first = (at % block_size == 0) & (at > 0)
+        logits = torch.where((first & (t_prev == 1) & (t_next == 0))[..., None], prev, own)
     step = (t_prev, t_next)
     nats, ce = _step_nats(net, own, logits, tokens, x_emb, step, schedule, reverse, generator)
     everyone = torch.ones_like(tokens, dtype=torch.bool)
@@ -796,12 +801,17 @@ def two_stream_loss(
 
 
 def _two_stream_inputs(
-    x_emb: Tensor, z_noisy: Tensor, block_ids: Tensor, t_noisy: Tensor, idx: Tensor
+    x_emb: Tensor, z_noisy: Tensor, block_ids: Tensor, t_noisy: Tensor, idx: Tensor | None
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """``(z, t, o, positions)`` of the clean stream and the noisy tokens at ``idx`` ``[B, W]``."""
-    length = x_emb.shape[1]
+    """``(z, t, o, positions)``: the clean stream, then the noisy tokens at ``idx`` ``[B, W]``.
+
+    ``idx = None``: every noisy token (the ``2L`` layout of :func:`two_stream_layout`).
+    """
+    b, length = block_ids.shape
     t2, o2 = two_stream_layout(block_ids, t_noisy)
-    clean = torch.arange(length, device=idx.device).expand(idx.shape[0], -1)
+    clean = torch.arange(length, device=x_emb.device).expand(b, -1)
+    if idx is None:
+        return torch.cat([x_emb, z_noisy], 1), t2, o2, clean.repeat(1, 2)
     z = torch.cat([x_emb, *_at(idx, z_noisy)], 1)
     t = torch.cat([t2[:, :length], *_at(idx, t2[:, length:])], 1)
     o = torch.cat([o2[:, :length], *_at(idx, o2[:, length:])], 1)
@@ -810,15 +820,14 @@ def _two_stream_inputs(
 
 def _window_positions(
     b: int, length: int, block: int, window: int | None, generator, cover: bool, dev
-) -> Tensor:
-    """Positions ``[b, W]`` of each row's noisy window (``arange(L)`` for every row: no window).
+) -> Tensor | None:
+    """Positions ``[b, W]`` of each row's noisy window, ``None`` for every position.
 
     A window is drawn only in training (``cover`` off), uniformly among the ``L / window``
     block-aligned ones.
     """
-    whole = torch.arange(length, device=dev).expand(b, -1)
     if window is None or window >= length or cover:
-        return whole
+        return None
     if window < 1 or window % block or length % window:
         raise ConfigError(
             f"window must be a positive multiple of the block size {block} dividing the length "
@@ -828,8 +837,10 @@ def _window_positions(
     return start + torch.arange(window, device=dev)
 
 
-def _at(idx: Tensor, *values: Tensor) -> tuple[Tensor, ...]:
-    """Each ``[B, L, ...]`` value at the positions ``idx`` ``[B, W]``."""
+def _at(idx: Tensor | None, *values: Tensor) -> tuple[Tensor, ...]:
+    """Each ``[B, L, ...]`` value at the positions ``idx`` ``[B, W]`` (``None``: as it is)."""
+    if idx is None:
+        return values
     out = []
     for v in values:
         i = idx.view(*idx.shape, *([1] * (v.ndim - 2))).expand(-1, -1, *v.shape[2:])

@@ -217,6 +217,8 @@ def test_speculative_decoding_refuses_what_it_cannot_honour():
         generate(net, "cosine", prompt=[[1]], length=3, policy="speculative", steps=3)
     with pytest.raises(ConfigError, match="draft"):
         speculative_generate(net, "cosine", prompt=[[1]], length=3, draft=0)
+    with pytest.raises(ConfigError, match="eos_id"):  # checked as generate checks it
+        speculative_generate(net, "cosine", prompt=[[1]], length=3, eos_id=99)
     with pytest.raises(ConfigError, match="draft_temperature"):
         speculative_generate(net, "cosine", prompt=[[1]], length=3, draft_temperature=0.0)
     with pytest.raises(ConfigError, match="length"):

@@ -17,7 +17,15 @@ from flowtext import solvers as _solvers
 from flowtext.errors import ConfigError, DataError, ShapeError
 from flowtext.schedules import NoiseSchedule
 
-__all__ = ["Settings", "check_rows", "check_settings", "fixed_rows", "prompt_rows"]
+__all__ = [
+    "Settings",
+    "check_number",
+    "check_rows",
+    "check_sampling",
+    "check_settings",
+    "fixed_rows",
+    "prompt_rows",
+]
 
 
 @dataclass(frozen=True)
@@ -75,15 +83,12 @@ def check_settings(
     Raises:
         ConfigError: Bad length, steps, temperature, top-p, policy, solver, schedule or EOS id.
     """
-    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
-        raise ConfigError(f"length must be a positive int (tokens to generate), got {length!r}")
+    temperature, top_p = check_sampling(
+        vocab, length=length, temperature=temperature, top_p=top_p, eos_id=eos_id
+    )
     steps = length if steps is None else steps
     if not isinstance(steps, int) or isinstance(steps, bool) or steps < 1:
         raise ConfigError(f"steps must be an int >= 1, got {steps!r}")
-    temperature = _check_number(
-        "temperature", temperature, 0, math.inf, False, "Use 0 or greedy=True for argmax."
-    )
-    top_p = _check_number("top_p", top_p, 0, 1, True, "Use 1.0 to disable nucleus sampling.")
     if fixed_order not in ("causal", "joint"):
         raise ConfigError(f"fixed_order must be 'causal' or 'joint', got {fixed_order!r}")
     policy = _resolve_policy(policy, policy_kwargs)
@@ -97,12 +102,33 @@ def check_settings(
             f"ancestral), not {solver.name!r}"
         )
     schedule = _schedules.resolve(schedule)
-    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < vocab):
-        raise ConfigError(f"eos_id must be an id in [0, {vocab}), got {eos_id!r}")
     return Settings(
         length, steps, policy, solver, schedule, temperature, top_p, greedy, eos_id,
         fixed_order, bool(use_cache), bool(record),
     )  # fmt: skip
+
+
+def check_sampling(
+    vocab: int, *, length: Any, temperature: Any, top_p: Any, eos_id: Any
+) -> tuple[float, float]:
+    """Check what every decoder reads alike: ``length``, temperature, top-p and the EOS id.
+
+    Returns:
+        ``(temperature, top_p)`` as floats.
+
+    Raises:
+        ConfigError: A length below 1, a temperature outside ``[0, inf)``, a top-p outside
+            ``(0, 1]`` or an EOS id outside ``[0, vocab)``.
+    """
+    if not isinstance(length, int) or isinstance(length, bool) or length < 1:
+        raise ConfigError(f"length must be a positive int (tokens to generate), got {length!r}")
+    temperature = check_number(
+        "temperature", temperature, 0, math.inf, False, "Use 0 or greedy=True for argmax."
+    )
+    top_p = check_number("top_p", top_p, 0, 1, True, "Use 1.0 to disable nucleus sampling.")
+    if eos_id is not None and not (isinstance(eos_id, int) and 0 <= eos_id < vocab):
+        raise ConfigError(f"eos_id must be an id in [0, {vocab}), got {eos_id!r}")
+    return temperature, top_p
 
 
 def _resolve_policy(policy: Any, kwargs: Mapping[str, Any] | None) -> _policies.ProgressionPolicy:
@@ -115,7 +141,12 @@ def _resolve_policy(policy: Any, kwargs: Mapping[str, Any] | None) -> _policies.
     return policy
 
 
-def _check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool, fix: str) -> float:
+def check_number(name: str, value: Any, lo: float, hi: float, lo_open: bool, fix: str) -> float:
+    """``value`` as a float, if a finite number in ``[lo, hi]`` (``(lo, hi]`` when ``lo_open``).
+
+    Raises:
+        ConfigError: Otherwise; the message names ``name`` and ends with ``fix``.
+    """
     ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
     if ok:
         ok = (value > lo if lo_open else value >= lo) and value <= hi

@@ -35,7 +35,7 @@ import torch
 from torch import Tensor
 
 from flowtext import schedules as _schedules
-from flowtext.decoding.inputs import check_rows
+from flowtext.decoding.inputs import check_number, check_rows, check_sampling
 from flowtext.decoding.result import DecodeStats, GenerationResult
 from flowtext.decoding.sampling import token_probs
 from flowtext.errors import ConfigError
@@ -64,16 +64,11 @@ class _Row:
         return self.eos or len(self.ids) >= self.end
 
 
-def _check(length: Any, draft: Any, temperature: float, top_p: float, draft_t: Any) -> None:
-    for name, value in (("length", length), ("speculative draft", draft)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ConfigError(f"{name} must be a positive int, got {value!r}")
-    if not (temperature >= 0 and temperature != float("inf")):
-        raise ConfigError(f"temperature must be a finite number >= 0, got {temperature}")
-    if not (0 < top_p <= 1):
-        raise ConfigError(f"top_p must lie in (0, 1], got {top_p}")
-    if draft_t is not None and not (isinstance(draft_t, (int, float)) and 0 < draft_t < math.inf):
-        raise ConfigError(f"draft_temperature must be a finite number > 0, got {draft_t!r}")
+def _check(draft: Any, draft_temperature: Any) -> None:
+    if not isinstance(draft, int) or isinstance(draft, bool) or draft < 1:
+        raise ConfigError(f"speculative draft must be a positive int, got {draft!r}")
+    if draft_temperature is not None:
+        check_number("draft_temperature", draft_temperature, 0, math.inf, True, "Or None.")
 
 
 def _groups(row: _Row, draft: int) -> list[tuple[int, int, int]]:
@@ -126,12 +121,18 @@ def _queries(rows: list[_Row], draft: int, skip: list[int], d: int, dtype) -> tu
     return ids, t, o, pos, eps
 
 
-def _full_pass(net, schedule, rows: list[_Row], draft: int) -> list[tuple[Tensor, Tensor]]:
-    """One pass over each row's whole sequence: per row ``(reads [k+1, V], groups' logits)``."""
+def _inputs(net, schedule, rows: list[_Row], draft: int, skip: list[int]) -> tuple[Tensor, ...]:
+    """``(z, t, o, pos)`` of :func:`_queries` on the network's device (slots: ``sigma(1) eps``)."""
     param = next(net.parameters())
-    q = _queries(rows, draft, [0] * len(rows), net.config.d_embed, param.dtype)
+    q = _queries(rows, draft, skip, net.config.d_embed, param.dtype)
     ids, t, o, pos, eps = (v.to(param.device) for v in q)
     z = torch.where((t == 0)[..., None], net.embed(ids), schedule.sigma(t)[..., None] * eps)
+    return z, t, o, pos
+
+
+def _full_pass(net, schedule, rows: list[_Row], draft: int) -> list[tuple[Tensor, Tensor]]:
+    """One pass over each row's whole sequence: per row ``(reads [k+1, V], groups' logits)``."""
+    z, t, o, pos = _inputs(net, schedule, rows, draft, [0] * len(rows))
     logits = net(z, t, o, pos).logits
     out = []
     for b, r in enumerate(rows):
@@ -150,8 +151,7 @@ def _cached_pass(net, schedule, rows: list[_Row], draft: int, cache) -> tuple[li
     cache in the same trunk pass (``commit_forward``); the last one's readout is the AR
     conditional of the first draft. Then drafts and slot groups are the queries.
     """
-    param = next(net.parameters())
-    dev, d = param.device, net.config.d_embed
+    dev = next(net.parameters()).device
     pending = [r.ids[r.cached :] for r in rows]
     width = max(len(p) for p in pending)
     ids_c = torch.zeros(len(rows), width, dtype=torch.long)
@@ -160,10 +160,7 @@ def _cached_pass(net, schedule, rows: list[_Row], draft: int, cache) -> tuple[li
     for i, (r, p) in enumerate(zip(rows, pending)):
         ids_c[i, : len(p)] = torch.tensor(p, dtype=torch.long)
         o_c[i, : len(p)] = pos_c[i, : len(p)] = torch.arange(r.cached, r.cached + len(p))
-    skip = [len(r.ids) for r in rows]  # queries: the drafts and the slot groups
-    q = _queries(rows, draft, skip, d, param.dtype)
-    ids, t, o, pos, eps = (v.to(dev) for v in q)
-    z = torch.where((t == 0)[..., None], net.embed(ids), schedule.sigma(t)[..., None] * eps)
+    z, t, o, pos = _inputs(net, schedule, rows, draft, [len(r.ids) for r in rows])  # queries
     readout = torch.tensor([len(p) - 1 for p in pending], device=dev) if width else None
     committed = (net.embed(ids_c.to(dev)), o_c.to(dev), pos_c.to(dev))
     res, cache = net.commit_forward(cache, committed, z, t, o, pos, readout=readout)
@@ -330,7 +327,10 @@ def speculative_generate(
         ShapeError: Malformed prompt.
         DataError: Ids outside the vocabulary.
     """
-    _check(length, draft, temperature, top_p, draft_temperature)
+    _check(draft, draft_temperature)
+    temperature, top_p = check_sampling(
+        net.config.vocab_size, length=length, temperature=temperature, top_p=top_p, eos_id=eos_id
+    )
     prompts, _ = check_rows(net.config, prompt, prompt_lengths, batch_size, None, length)
     schedule = _schedules.resolve(schedule)
     bind_prior_schedule(net, schedule)  # an output prior reads this schedule's states
