@@ -13,7 +13,9 @@ finishes and leaves a short run at a high learning rate. So, unless a variant se
 ``max_lr_steps`` itself, a timing probe (``--probe-steps`` steps of the same variant, timed
 between its logged steps) measures steps per second, and the run gets
 ``max_lr_steps = 0.95 * rate * budget`` (the decay ends just before the time does). Variants that
-differ only in learning rate, warm-up or ``max_lr_steps`` share one probe.
+differ only in learning rate, warm-up or ``max_lr_steps`` share one probe. A variant with an
+``ar_tail`` override (Evo's last fraction of the schedule on the AR bound alone, whose steps are
+cheaper) gets a second probe of tail steps, and the rate of the mix (:func:`mixed_rate`).
 
 **Variants.** ``--variant NAME=OVERRIDE,OVERRIDE,...``; an override is a CLI argument
 (``--model.init_args.net.d_model=192``) or a short ``key=value`` from :data:`ALIASES`
@@ -53,6 +55,7 @@ ALIASES = {
     "batch": "--data.batch_size",
     "warmup": "--model.init_args.warmup_steps",
     "max_lr_steps": "--model.init_args.max_lr_steps",
+    "ar_tail": "--model.init_args.regime.ar_tail",
 }
 """Short override names -> CLI arguments."""
 
@@ -117,13 +120,44 @@ def probe_rate(config: str, root: Path, overrides: list[str], steps: int, cache:
     return cache[key]
 
 
+def mixed_rate(rate: float, tail_rate: float, tail: float) -> float:
+    """Steps per second of a run whose last ``tail`` fraction of steps runs at ``tail_rate``.
+
+    Args:
+        rate: Steps per second before the tail.
+        tail_rate: Steps per second inside it.
+        tail: Fraction of the steps in the tail, in ``[0, 1]``.
+
+    Returns:
+        ``1 / ((1 - tail) / rate + tail / tail_rate)``: the time per step, averaged over steps.
+    """
+    return 1.0 / ((1.0 - tail) / rate + tail / tail_rate)
+
+
+def ar_tail(overrides: list[str]) -> float:
+    """The ``ar_tail`` a variant's overrides set (the last one wins), else ``0``."""
+    key = ALIASES["ar_tail"] + "="
+    values = [float(o.removeprefix(key)) for o in overrides if o.startswith(key)]
+    return values[-1] if values else 0.0
+
+
+def budget_rate(config: str, root: Path, extra: list[str], steps: int, cache: dict) -> float:
+    """Probed steps per second of a variant, with its ``ar_tail``'s cheaper steps mixed in."""
+    rate = probe_rate(config, root, extra, steps, cache)  # no max_lr_steps: no tail yet
+    tail = ar_tail(extra)
+    if tail <= 0:
+        return rate
+    in_tail = [*extra, f"{ALIASES['max_lr_steps']}=1", f"{ALIASES['ar_tail']}=0.5"]
+    return mixed_rate(rate, probe_rate(config, root, in_tail, steps, cache), tail)
+
+
 def train_variant(args, name: str, overrides: list[str], cache: dict):
     """Train one variant for ``--minutes``; returns ``(row without bpb, trained model)``."""
     config, seconds = config_file(args.config), args.minutes * 60
     root = args.out / Path(config).stem
     extra = [*(TINY_OVERRIDES if args.quick else []), *SWEEP, *overrides]
     if not any(o.startswith(ALIASES["max_lr_steps"]) for o in overrides):
-        rate = probe_rate(config, root / "_probe", extra, args.probe_steps, cache)
+        rate = budget_rate(config, root / "_probe", extra, args.probe_steps, cache)
         extra.append(f"{ALIASES['max_lr_steps']}={max(1, int(0.95 * rate * seconds))}")
     extra += [f"--trainer.max_time={max_time(seconds)}", f"--seed_everything={args.seed}"]
     t0 = time.perf_counter()

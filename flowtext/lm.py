@@ -323,7 +323,11 @@ class FlowLM(L.LightningModule):
         return single_stream_loss(self.net, tokens, grid, self.schedule, **shared)
 
     def training_loss(
-        self, tokens: torch.Tensor, *, regime_generator: torch.Generator | None = None
+        self,
+        tokens: torch.Tensor,
+        *,
+        regime_generator: torch.Generator | None = None,
+        step: int | None = None,
     ) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
         """One Monte Carlo draw of the training objective: a drawn bound's :meth:`bound_loss`.
 
@@ -332,12 +336,19 @@ class FlowLM(L.LightningModule):
             regime_generator: Generator of the regime draw (which bound this batch trains,
                 :meth:`TrainingRegime.draw`); ``None``: the model's generator, which always
                 draws the noise and times.
+            step: Optimizer step; inside the regime's
+                :attr:`~flowtext.regime.TrainingRegime.ar_tail` the batch trains the AR bound
+                alone (the draw is still made, so later draws do not shift). ``None``: no tail.
 
         Returns:
             ``(loss, logs)`` as :meth:`bound_loss`.
         """
         gen = regime_generator if regime_generator is not None else self._gen
-        return self.bound_loss(tokens, self.regime.draw(tokens.shape[1], gen))
+        length = tokens.shape[1]
+        bound = self.regime.draw(length, gen)
+        if step is not None and self.regime.ar_only(step, self.max_lr_steps):
+            bound = self.regime.block_bound(1, length)
+        return self.bound_loss(tokens, bound)
 
     def bound_loss(
         self, tokens: torch.Tensor, bound: DrawnBound
@@ -461,7 +472,9 @@ class FlowLM(L.LightningModule):
                 block = int(batch["index"].reshape(-1)[0])
             regime, noise = self.batch_generators(self.global_step, block)
             with self._noise_seeded(noise):
-                loss, logs = self.training_loss(tokens, regime_generator=regime)
+                loss, logs = self.training_loss(
+                    tokens, regime_generator=regime, step=self.global_step
+                )
         if not torch.isfinite(loss):
             raise NonFiniteError(
                 f"non-finite training loss {loss.item()} at global step {self.global_step}, "

@@ -127,6 +127,16 @@ class TrainingRegime:
     ``bound_row_fraction`` below 1 then thins those draws (and diagonal ones) by rows, while
     windowed draws keep every row. At 8 minutes on one thread, 0.25 (with rows 0.25 for the
     rest) scored like ``bound_row_fraction`` 0.25 alone, within noise (docs/results.md §2d)."""
+    ar_tail: float = 0.0
+    """Fraction of the learning-rate schedule at its end that trains the exact AR bound alone:
+    from optimizer step ``(1 - ar_tail) * max_lr_steps`` on (and after the decay) every batch
+    is the AR bound, one causal stream, whatever the draw would give. The other bounds are
+    then learned at the schedule's higher rates, and the AR term's last, low-rate steps carry
+    none of their gradient noise; those steps are also as cheap as the AR model's. A wall-clock
+    setting like ``bound_row_fraction`` (0 = off; needs the model's ``max_lr_steps``). At 8
+    minutes on one thread with ``bound_row_fraction`` 0.25, 0.1-0.2 took Evo from 7.0% to
+    4.6-6.5% behind the AR model (4 runs, 2 seeds), the other bounds losing up to 0.14 bits
+    (docs/results.md §2e)."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
@@ -186,6 +196,9 @@ class TrainingRegime:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and 0 < value <= 1):
                 raise ConfigError(f"{name} must lie in (0, 1], got {value!r}")
+        tail = self.ar_tail
+        if not (isinstance(tail, (int, float)) and 0 <= tail < 1):
+            raise ConfigError(f"ar_tail must lie in [0, 1), got {tail!r}")
         rows = self.bound_row_fraction
         if rows < 1 and self.ar_weight == 0:
             raise ConfigError(
@@ -332,6 +345,15 @@ class TrainingRegime:
         w = round(self.bound_window * length)
         fits = 0 < block_size < w < length and w % block_size == 0 and length % w == 0
         return w if fits else None
+
+    def ar_only(self, step: int, max_lr_steps: int) -> bool:
+        """Whether optimizer step ``step`` lies in the :attr:`ar_tail` (trains AR alone).
+
+        Args:
+            step: Optimizer step.
+            max_lr_steps: Length of the model's learning-rate decay (``0``: no tail).
+        """
+        return self.ar_tail > 0 and max_lr_steps > 0 and step >= (1 - self.ar_tail) * max_lr_steps
 
     def weight(self, label: str) -> float:
         """Weight of the drawn bound ``label`` in the loss (:attr:`bound_weights`, else 1)."""

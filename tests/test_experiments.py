@@ -258,3 +258,13 @@ def test_tune_variants_expand_short_overrides_and_refuse_unknown_ones():
         with pytest.raises(ValueError):
             tune.parse_variant(bad)
     assert tune.max_time(3 * 60) == "00:00:03:00" and tune.max_time(90061.5) == "01:01:01:02"
+
+
+def test_tune_sizes_an_ar_tail_by_the_mixed_rate_of_its_steps():
+    from experiments import tune
+
+    _, args = tune.parse_variant("t=ar_tail=0.2,lr=1e-3,ar_tail=0.3")
+    assert tune.ar_tail(args) == 0.3 and tune.ar_tail([]) == 0.0
+    assert tune.mixed_rate(2.0, 4.0, 0.0) == 2.0 and tune.mixed_rate(2.0, 4.0, 1.0) == 4.0
+    # half the steps at 2/s and half at 4/s: 0.25 + 0.125 s per step on average
+    assert tune.mixed_rate(2.0, 4.0, 0.5) == pytest.approx(1 / 0.375)
