@@ -120,6 +120,11 @@ class FlowLM(L.LightningModule):
         self.optimizer_factory = optimizer
         self.warmup_steps = warmup_steps
         self.max_lr_steps = max_lr_steps
+        if regime.ar_tail > 0 and not max_lr_steps > 0:
+            raise ConfigError(
+                f"regime.ar_tail={regime.ar_tail} is a fraction of the learning-rate decay: "
+                "give max_lr_steps > 0, or set ar_tail: 0"
+            )
         self.seed = int(seed)
         if prior_init not in PRIOR_INITS:
             raise ConfigError(

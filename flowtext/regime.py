@@ -130,9 +130,10 @@ class TrainingRegime:
     ar_tail: float = 0.0
     """Fraction of the learning-rate schedule at its end that trains the exact AR bound alone:
     from optimizer step ``(1 - ar_tail) * max_lr_steps`` on (and after the decay) every batch
-    is the AR bound, one causal stream, whatever the draw would give. The other bounds are
-    then learned at the schedule's higher rates, and the AR term's last, low-rate steps carry
-    none of their gradient noise; those steps are also as cheap as the AR model's. A wall-clock
+    is the AR bound as an AR draw trains it (one causal stream with ``difficulty_on_ar``
+    false), whatever the draw would give. The other bounds are then learned at the schedule's
+    higher rates, and the AR term's last, low-rate steps carry none of their gradient noise;
+    with ``difficulty_on_ar`` false they are also as cheap as the AR model's. A wall-clock
     setting like ``bound_row_fraction`` (0 = off; needs the model's ``max_lr_steps``). At 8
     minutes on one thread with ``bound_row_fraction`` 0.25, 0.1-0.2 took Evo from 7.0% to
     4.6-6.5% behind the AR model (4 runs, 2 seeds), the other bounds losing up to 0.14 bits

@@ -384,6 +384,8 @@ def test_bad_model_arguments_fail_with_a_clear_error():
         FlowLM(net=FlowTransformerConfig(**TINY), schedule="cosinus")
     with pytest.raises(ConfigError, match="TrainingRegime"):
         FlowLM(net=FlowTransformerConfig(**TINY), regime=[1, 2])
+    with pytest.raises(ConfigError, match="max_lr_steps"):  # a tail of no decay does nothing
+        FlowLM(net=FlowTransformerConfig(**TINY), regime=TrainingRegime(ar_tail=0.1))
 
 
 @pytest.mark.parametrize("regime", [TrainingRegime.evo(), TrainingRegime(single_stream_fraction=1)])
@@ -506,7 +508,7 @@ def test_validation_scores_the_policies_with_policy_bound():
     )
     tokens = torch.randint(0, 13, (2, 12))
     logged = {}
-    model.log = lambda name, value, **kw: logged.__setitem__(name, float(value))
+    model.log = lambda name, value, **kw: logged.__setitem__(name, float(torch.as_tensor(value).detach()))
     model.validation_step({"tokens": tokens}, 0)
     model._gen.manual_seed(model._key(2, 0, 0))
     for name, bound in model.validation_bounds(12).items():
