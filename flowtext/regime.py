@@ -135,9 +135,9 @@ class TrainingRegime:
     higher rates, and the AR term's last, low-rate steps carry none of their gradient noise;
     with ``difficulty_on_ar`` false they are also as cheap as the AR model's. A wall-clock
     setting like ``bound_row_fraction`` (0 = off; needs the model's ``max_lr_steps``). At 8
-    minutes on one thread with ``bound_row_fraction`` 0.25, Evo was 7.0% behind the AR model
-    without a tail and 4.6-10.0% behind with 0.1-0.2 (5 runs, 3 seeds), the other bounds
-    losing up to 0.14 bits: no reliable gain (docs/results.md §2e)."""
+    minutes on one thread with ``bound_row_fraction`` 0.25, Evo was 7.0-7.3% behind the AR
+    model without a tail and 4.6-10.0% behind with 0.1-0.2 (5 runs, 3 seeds), the other bounds
+    losing up to 0.14 bits (docs/results.md §2e)."""
     schedule_fit_every: int = 100
     """Training batches between refits of a fitted schedule (info-uniform); every training batch
     feeds it the scored tokens' (log-SNR, commit cross-entropy) pairs. Ignored otherwise."""
